@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Build DecDEC's cheatsheet.pt: 4-bit packed residuals W_orig - W_quant with per-row scales.
+
+Example:
+    python cheatsheet.py --original_model meta-llama/Llama-3.1-8B \\
+        --quantized_model ./llama3-8b-sqllm3-fq --save_path ./artifacts
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, PairedModels, build_cheatsheet
+from common.cli import add_device_arg, add_output_args, pick_device, progress
+from common.errors import InputError, run_main
+from common.model_files import Checkpoint, resolve_model_dir
+from common.outputs import output_dir, refuse_existing
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original_model", required=True,
+                        help="original FP16/BF16 model (local directory or cached hub id); "
+                             "for AWQ, the scaled model written by conv_awq.py")
+    parser.add_argument("--quantized_model", required=True,
+                        help="fake-quantized FP16 model with the same layers (conv_sqllm.py / conv_awq.py output)")
+    parser.add_argument("--save_path", required=True, help="output directory (created if missing)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="CPU threads for the computation when it runs on the CPU "
+                             "(default: torch's choice); ignored on a GPU")
+    parser.add_argument("--save_exact_residuals", action="store_true",
+                        help="also write exact_residuals.pt (fp16 W_orig - W_quant, as large as the model)")
+    parser.add_argument("--save_extra_bit_widths", action="store_true",
+                        help="also write quantized_residuals_2bit.pt and quantized_residuals_8bit.pt")
+    parser.add_argument("--grid_size", type=int, default=32,
+                        help="scale candidates per row (default 32, the reference's; larger searches finer "
+                             "but changes the bytes)")
+    parser.add_argument("--add_fused", action="store_true",
+                        help="also add self_attn.qkv_proj / mlp.gate_up_proj entries with scales reordered "
+                             "over the fused rows (what DecDEC's end-to-end loader needs for Llama-style models)")
+    add_device_arg(parser)
+    add_output_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    if args.grid_size < 1:
+        raise InputError(f"--grid_size {args.grid_size}: must be at least 1")
+    if args.num_workers is not None:
+        if args.num_workers < 1:
+            raise InputError(f"--num_workers {args.num_workers}: must be at least 1")
+        torch.set_num_threads(args.num_workers)
+    device = pick_device(args.device)
+    options = CheatsheetOptions(args.grid_size, args.save_extra_bit_widths, args.save_exact_residuals,
+                                args.add_fused)
+    save_path = Path(args.save_path)
+    if save_path.exists() and not save_path.is_dir():
+        raise InputError(f"--save_path {save_path}: is a file, expected a directory")
+    refuse_existing([save_path / OUTPUT_FILES[kind] for kind in options.outputs()], args.overwrite)
+    original = Checkpoint(resolve_model_dir(args.original_model, "--original_model"), "--original_model")
+    quantized = Checkpoint(resolve_model_dir(args.quantized_model, "--quantized_model"), "--quantized_model")
+    models = PairedModels(original, quantized)
+    output_dir(save_path, "--save_path")
+    written = build_cheatsheet(models, save_path, options, device,
+                               lambda items, desc: progress(items, args.quiet, desc))
+    if not args.quiet:
+        layers = len(models.layout.layers)
+        print(f"{layers} layers on {device} in {time.time() - started:.1f} s:", file=sys.stderr)
+        for path in written.values():
+            print(f"  {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,1 @@
+"""Shared building blocks of the DecDEC setup scripts (one job per module)."""

@@ -1,0 +1,273 @@
+"""Build cheatsheet.pt (and its side outputs) from an original and a fake-quantized model.
+
+Pipeline, per Linear: reader threads pull the two fp16/bf16 weights from disk into pinned
+buffers while the device quantizes the previous residual; each finished layer is written to
+a small part file in a background thread; at the end the parts are streamed into the final
+`torch.save` files one tensor at a time. Host memory stays at a few tensors whatever the
+model size, and parts whose fingerprint matches are reused after an interruption.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from common.errors import InputError
+from common.layers import LayerLayout, check_same_layers, find_layers
+from common.model_files import Checkpoint, read_safetensors_file
+from common.outputs import atomic_file
+from common.residual import pack_nibbles, quantize_residual, reorder_scales
+from common.torchsave import TensorMeta, write_streamed
+
+OUTPUT_FILES = {
+    "cheatsheet": "cheatsheet.pt",
+    "residual_2bit": "quantized_residuals_2bit.pt",
+    "residual_8bit": "quantized_residuals_8bit.pt",
+    "exact": "exact_residuals.pt",
+}
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PARTS_DIR = ".cheatsheet-parts"
+PART_FORMAT_VERSION = 1
+READ_AHEAD = 4  # Linears read ahead of the one being quantized
+
+
+@dataclass(frozen=True)
+class CheatsheetOptions:
+    grid_size: int = 32
+    extra_bit_widths: bool = False
+    exact_residuals: bool = False
+    add_fused: bool = False
+
+    def outputs(self) -> list[str]:
+        kinds = ["cheatsheet"]
+        if self.extra_bit_widths:
+            kinds += ["residual_2bit", "residual_8bit"]
+        if self.exact_residuals:
+            kinds.append("exact")
+        return kinds
+
+
+def fused_groups(modules: list[str]) -> dict[str, list[str]]:
+    """Fused entries to add for --add_fused: e.g. self_attn.qkv_proj -> [q, k, v] members."""
+    names = set(modules)
+    groups = {}
+    for fused, members in FUSED_MODULES.items():
+        for module in modules:
+            parent, _, leaf = module.rpartition(".")
+            if leaf != members[0]:
+                continue
+            prefix = f"{parent}." if parent else ""
+            full = [prefix + m for m in members]
+            if all(m in names for m in full) and prefix + fused not in names:
+                groups[prefix + fused] = full
+    return groups
+
+
+class PairedModels:
+    """The original and fake-quantized checkpoints, validated against each other up front."""
+
+    def __init__(self, original: Checkpoint, quantized: Checkpoint):
+        self.original, self.quantized = original, quantized
+        self.layout: LayerLayout = find_layers(original)
+        self.quantized_layout: LayerLayout = find_layers(quantized)
+        check_same_layers(original, self.layout, quantized, self.quantized_layout)
+        for layer in self.layout.layers:
+            for module, name in layer.linears.items():
+                info = original.tensors[name]
+                if not info.dtype.is_floating_point:
+                    raise InputError(f"{original.dir}: tensor {name} has dtype {info.dtype}, expected floating point")
+                if info.shape[0] % 8:
+                    raise InputError(f"{original.dir}: tensor {name} has {info.shape[0]} output rows, "
+                                     "not a multiple of 8 (the cheatsheet packs 8 rows per int32)")
+
+    def shape(self, layer: int, module: str) -> tuple[int, int]:
+        return self.original.tensors[self.layout.layers[layer].linears[module]].shape  # type: ignore[return-value]
+
+    def fingerprint(self, options: CheatsheetOptions) -> dict:
+        def files(checkpoint: Checkpoint) -> list:
+            paths = sorted({info.file for info in checkpoint.tensors.values()})
+            return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+        return {"version": PART_FORMAT_VERSION, "original": files(self.original),
+                "quantized": files(self.quantized), "options": asdict(options)}
+
+
+def output_layout(models: PairedModels, options: CheatsheetOptions, kind: str) -> list[dict]:
+    """The structure of one output file, with TensorMeta leaves (known before any compute)."""
+    layout = []
+    for layer in models.layout.layers:
+        entry: dict = {}
+        for module in sorted(layer.linears):
+            out_features, in_features = models.shape(layer.index, module)
+            if kind == "cheatsheet":
+                entry[module] = {"reordered_scales": TensorMeta((out_features,), torch.float16),
+                                 "cheatsheet": TensorMeta((in_features, out_features // 8), torch.int32)}
+            else:
+                entry[module] = TensorMeta((out_features, in_features), torch.float16)
+        if kind == "cheatsheet" and options.add_fused:
+            for fused, members in fused_groups(sorted(layer.linears)).items():
+                out_features = sum(models.shape(layer.index, m)[0] for m in members)
+                in_features = models.shape(layer.index, members[0])[1]
+                entry[fused] = {"reordered_scales": TensorMeta((out_features,), torch.float16),
+                                "cheatsheet": TensorMeta((in_features, out_features // 8), torch.int32)}
+        layout.append(dict(sorted(entry.items())))  # item_for_output walks modules sorted too
+    return layout
+
+
+@torch.no_grad()
+def residual_outputs(original: torch.Tensor, quantized: torch.Tensor,
+                     options: CheatsheetOptions) -> dict[str, torch.Tensor]:
+    """Everything one Linear contributes, keyed '<kind>/<field>', on the weights' device."""
+    residual = original.half() - quantized.half()
+    codes, scales = quantize_residual(residual, bits=4, grid_size=options.grid_size)
+    results = {"cheatsheet/cheatsheet": pack_nibbles(codes), "cheatsheet/scales": scales,
+               "finite": torch.isfinite(residual).all()}
+    if options.extra_bit_widths:
+        for bits in (2, 8):
+            codes, scales = quantize_residual(residual, bits=bits, grid_size=options.grid_size)
+            results[f"residual_{bits}bit/"] = (codes.float() * scales.float()[:, None]).half()
+    if options.exact_residuals:
+        results["exact/"] = residual
+    return results
+
+
+def add_fused_entries(layer_results: dict[str, dict[str, torch.Tensor]], modules: list[str]) -> None:
+    """Fused q/k/v and gate/up cheatsheets: rows concatenated, scales reordered over the fused size."""
+    for fused, members in fused_groups(modules).items():
+        layer_results[fused] = {
+            "cheatsheet/cheatsheet": torch.cat([layer_results[m]["cheatsheet/cheatsheet"] for m in members], dim=1),
+            "cheatsheet/scales": torch.cat([layer_results[m]["cheatsheet/scales"] for m in members]),
+        }
+
+
+class PartStore:
+    """Per-layer part files in <save_path>/.cheatsheet-parts, valid for one fingerprint."""
+
+    def __init__(self, save_path: Path, fingerprint: dict):
+        self.dir = save_path / PARTS_DIR
+        stamp = self.dir / "fingerprint.json"
+        if self.dir.exists():
+            try:
+                same = json.loads(stamp.read_text()) == fingerprint
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(fingerprint))
+
+    def path(self, layer: int) -> Path:
+        return self.dir / f"layer-{layer:05d}.safetensors"
+
+    def done(self, layer: int) -> bool:
+        return self.path(layer).is_file()
+
+    def write(self, layer: int, results: dict[str, dict[str, torch.Tensor]]) -> None:
+        flat = {f"{module}|{key}": tensor.contiguous() for module, fields in results.items()
+                for key, tensor in fields.items()}
+        with atomic_file(self.path(layer)) as temp:
+            save_file(flat, str(temp))
+
+    def read(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in read_safetensors_file(self.path(layer)).items():
+            module, field = key.split("|", 1)
+            results.setdefault(module, {})[field] = tensor
+        return results
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def item_for_output(results: dict[str, dict[str, torch.Tensor]], kind: str) -> dict:
+    """One layer's entry of output `kind`, in the SPEC §3 layout."""
+    item: dict = {}
+    for module in sorted(results):
+        fields = results[module]
+        if kind == "cheatsheet":
+            item[module] = {"reordered_scales": reorder_scales(fields["cheatsheet/scales"]),
+                            "cheatsheet": fields["cheatsheet/cheatsheet"]}
+        elif f"{kind}/" in fields:
+            item[module] = fields[f"{kind}/"]
+    return item
+
+
+def build_cheatsheet(models: PairedModels, save_path: Path, options: CheatsheetOptions,
+                     device: torch.device, progress: Callable) -> dict[str, Path]:
+    """Compute every layer (reusing matching parts), then assemble the outputs atomically."""
+    parts = PartStore(save_path, models.fingerprint(options))
+    try:
+        _compute_missing_layers(models, parts, options, device, progress)
+        written = {}
+        for kind in options.outputs():
+            target = save_path / OUTPUT_FILES[kind]
+            layout = output_layout(models, options, kind)
+            with atomic_file(target) as temp:
+                write_streamed(temp, layout, lambda i, kind=kind: item_for_output(parts.read(i), kind))
+            written[kind] = target
+    except InputError:
+        parts.remove()  # bad input: a rerun with the same input cannot use these parts
+        raise
+    parts.remove()
+    return written
+
+
+def _compute_missing_layers(models: PairedModels, parts: PartStore, options: CheatsheetOptions,
+                            device: torch.device, progress: Callable) -> None:
+    pin = device.type == "cuda"
+    todo = [layer for layer in models.layout.layers if not parts.done(layer.index)]
+    jobs = [(layer.index, module, layer.linears[module], models.quantized_layout.layers[layer.index].linears[module])
+            for layer in todo for module in sorted(layer.linears)]
+    with ThreadPoolExecutor(max_workers=2 * READ_AHEAD, thread_name_prefix="read") as readers, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+        pending: deque[tuple[Future, Future]] = deque()
+        next_job = 0
+
+        def fill() -> None:
+            nonlocal next_job
+            while next_job < len(jobs) and len(pending) < READ_AHEAD:
+                _, _, name_o, name_q = jobs[next_job]
+                pending.append((readers.submit(models.original.read_raw, name_o, pin),
+                                readers.submit(models.quantized.read_raw, name_q, pin)))
+                next_job += 1
+
+        last_write: Future | None = None
+        job = 0
+        for layer in progress(todo, desc="cheatsheet layers"):
+            results: dict[str, dict[str, torch.Tensor]] = {}
+            finite: list[torch.Tensor] = []
+            names: list[tuple[str, str]] = []
+            for module in sorted(layer.linears):
+                fill()
+                future_o, future_q = pending.popleft()
+                _, _, name_o, name_q = jobs[job]
+                job += 1
+                weight_o = future_o.result().to(device, non_blocking=True).half()
+                weight_q = future_q.result().to(device, non_blocking=True).half()
+                finite += [torch.isfinite(weight_o).all(), torch.isfinite(weight_q).all()]
+                names += [(f"{models.original.dir}: tensor {name_o}", "holds NaN or Inf (as float16)"),
+                          (f"{models.quantized.dir}: tensor {name_q}", "holds NaN or Inf (as float16)")]
+                results[module] = residual_outputs(weight_o, weight_q, options)
+                finite.append(results[module].pop("finite"))
+                names.append((f"{models.quantized.dir}: tensor {name_q}",
+                              "differs from the original by more than float16 can hold"))
+                del weight_o, weight_q
+            flags = torch.stack(finite).cpu()
+            if not bool(flags.all()):
+                where, problem = names[int((~flags).nonzero()[0])]
+                raise InputError(f"{where} {problem}")
+            results = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in results.items()}
+            if options.add_fused:
+                add_fused_entries(results, sorted(layer.linears))
+            if last_write is not None:
+                last_write.result()  # at most one layer waits to be written
+            last_write = writer.submit(parts.write, layer.index, results)
+        if last_write is not None:
+            last_write.result()

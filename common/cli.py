@@ -1,0 +1,45 @@
+"""Argument helpers every script shares: device choice, --overwrite, --quiet, progress bars."""
+from __future__ import annotations
+
+import argparse
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from common.errors import InputError
+
+T = TypeVar("T")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="torch device to compute on, e.g. cuda, cuda:1, cpu "
+                             "(default: cuda when available, else cpu)")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (default: refuse and keep them)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """The device to compute on: the user's choice, else the first GPU, else the CPU."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise InputError(f"--device {requested}: not a torch device ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {requested}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) present")
+    return device
+
+
+def progress(items: Iterable[T], quiet: bool, desc: str, total: int | None = None) -> Iterator[T]:
+    """A tqdm bar over `items` (silent with --quiet)."""
+    return iter(tqdm(items, desc=desc, total=total, disable=quiet, dynamic_ncols=True, leave=False))

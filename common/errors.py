@@ -1,0 +1,34 @@
+"""One error type for bad user input, and the wrapper that turns it into exit status 2.
+
+Scripts raise `InputError` for anything the user can fix (a missing path, mismatched
+models, a corrupt file). `run_main` prints it as one line and exits 2, so a user never sees
+a traceback for their own mistake; a genuine bug still shows its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class InputError(Exception):
+    """A problem with the user's input; the message names the file or tensor and the problem."""
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run a script's `main`; InputError and out-of-memory become a short message and exit 2."""
+    torch = sys.modules.get("torch")
+    out_of_memory = getattr(torch, "OutOfMemoryError", MemoryError) if torch else MemoryError
+    try:
+        code = main(argv)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, out_of_memory) as error:
+        first_line = str(error).strip().split("\n")[0][:200]
+        print(f"error: out of memory ({first_line}); try a smaller --batch_size, "
+              "--device cpu, or close other programs", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,92 @@
+"""Small seeded models and tokenizers built offline, for the demo and the tests.
+
+Real LLMs have a handful of input channels with huge activations; DecDEC exists because of
+them. `build_model` plants such outlier channels (scaled norm weights) so that calibration,
+selection and correction behave as they do on real models.
+"""
+from __future__ import annotations
+
+import inspect
+import importlib
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    "llama": {"model_type": "llama", "num_key_value_heads": 2},
+    "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2},
+    "phi3": {"model_type": "phi3", "num_key_value_heads": 2},
+    "mistral": {"model_type": "mistral", "num_key_value_heads": 2},
+}
+CORPUS_MODULES = ["argparse", "collections", "json", "pathlib", "re", "string", "textwrap", "random",
+                  "statistics", "itertools", "functools", "inspect", "logging", "csv", "zipfile",
+                  "tarfile", "decimal", "fractions", "datetime", "calendar", "heapq", "bisect", "shutil",
+                  "tempfile", "subprocess", "threading", "queue", "socket", "pickle", "copy", "enum",
+                  "dataclasses", "contextlib", "abc", "io", "os", "sys", "math", "operator", "unittest"]
+
+
+def local_corpus() -> list[str]:
+    """English passages that ship with Python: the docstrings of standard-library modules."""
+    passages: list[str] = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        objects = [module] + [getattr(module, n) for n in sorted(dir(module)) if not n.startswith("_")]
+        for obj in objects:
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
+                                          or inspect.isroutine(obj)) else None
+            if doc and len(doc) > 200 and doc not in passages:
+                passages.append(doc)
+    return passages
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, intermediate_size: int = 128,
+                num_layers: int = 2, num_heads: int = 4, max_positions: int = 512):
+    from transformers import AutoConfig
+    settings = dict(FAMILIES[family])
+    model_type = settings.pop("model_type")
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=1, **settings)
+
+
+def plant_outliers(model: torch.nn.Module, channels: tuple[int, ...] = (3, 17, 40), factor: float = 25.0) -> None:
+    """Scale a few channels of every norm weight, giving activation outliers like real LLMs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name and param.shape[0] > max(channels):
+                param[list(channels)] *= factor
+
+
+def build_model(family: str, path: Path, tokenizer, dtype: torch.dtype = torch.float16, seed: int = 0,
+                outliers: bool = True, max_shard_size: str | int | None = None, **config_overrides):
+    """Build a seeded random model of `family`, save it with its tokenizer, return the model."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config(family, len(tokenizer), **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if outliers:
+        plant_outliers(model)
+    save_model(model.to(dtype), path, tokenizer, max_shard_size)
+    return model
+
+
+def save_model(model, path: Path, tokenizer=None, max_shard_size: str | int | None = None) -> None:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,121 @@
+"""Write `torch.save(list_of_dicts)` files one tensor at a time.
+
+A 70B cheatsheet is ~35 GB, yet its format is a single `torch.save`d list. `torch.save`
+needs every tensor in memory at once; this writer does not. It pickles the structure with
+placeholder storages (the same records torch.save emits: `_rebuild_tensor_v2` over
+`('storage', <type>, key, 'cpu', numel)`), then appends each storage's bytes as a zip
+record as the caller produces it, so host memory is bounded by one tensor. The result is
+read by `torch.load(..., weights_only=True)` exactly like a `torch.save` file.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.serialization
+
+STORAGE_TYPES = {
+    torch.float16: "HalfStorage", torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage",
+    torch.int32: "IntStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage",
+    torch.int64: "LongStorage", torch.float64: "DoubleStorage",
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a tensor that will be written later."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _StorageRef:
+    def __init__(self, key: str, meta: TensorMeta):
+        self.key, self.meta = key, meta
+
+
+class _Placeholder:
+    """Pickles like a contiguous CPU tensor whose storage is written later."""
+
+    def __init__(self, ref: _StorageRef):
+        self.ref = ref
+
+    def __reduce_ex__(self, protocol: int):
+        shape = self.ref.meta.shape
+        stride = tuple(int(s) for s in torch.empty(shape, device="meta").stride())
+        return (torch._utils._rebuild_tensor_v2,
+                (self.ref, 0, shape, stride, False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any):
+        if isinstance(obj, _StorageRef):
+            storage_type = getattr(torch, STORAGE_TYPES[obj.meta.dtype])
+            numel = 1
+            for d in obj.meta.shape:
+                numel *= d
+            return ("storage", storage_type, obj.key, "cpu", numel)
+        return None
+
+
+def _leaves(structure: Any) -> Iterable[Any]:
+    """Leaves of nested lists/dicts in a fixed traversal order."""
+    if isinstance(structure, dict):
+        for value in structure.values():
+            yield from _leaves(value)
+    elif isinstance(structure, (list, tuple)):
+        for value in structure:
+            yield from _leaves(value)
+    else:
+        yield structure
+
+
+def _replace_leaves(structure: Any, make: Callable[[Any], Any]) -> Any:
+    if isinstance(structure, dict):
+        return {k: _replace_leaves(v, make) for k, v in structure.items()}
+    if isinstance(structure, list):
+        return [_replace_leaves(v, make) for v in structure]
+    return make(structure)
+
+
+def write_streamed(path: Path, layout: list[Any], load_item: Callable[[int], Any]) -> None:
+    """torch.save a list whose item i has `layout[i]`'s structure (TensorMeta leaves).
+
+    `load_item(i)` returns item i with real tensors in place of the metas (same keys, same
+    order); it is called once per item, in order, and each item is released before the next.
+    """
+    refs: list[_StorageRef] = []
+
+    def placeholder(meta: TensorMeta) -> _Placeholder:
+        refs.append(_StorageRef(str(len(refs)), meta))
+        return _Placeholder(refs[-1])
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(_replace_leaves(layout, placeholder))
+    data = buffer.getvalue()
+    key = 0
+    with torch.serialization._open_zipfile_writer(str(path)) as writer:
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for index in range(len(layout)):
+            item = load_item(index)
+            for tensor, meta_ref in zip(_leaves(item), refs[key: key + _count(layout[index])]):
+                if tuple(tensor.shape) != meta_ref.meta.shape or tensor.dtype != meta_ref.meta.dtype:
+                    raise RuntimeError(f"item {index}: tensor does not match its announced layout")
+                tensor = tensor.detach().cpu().contiguous()
+                storage = tensor.untyped_storage()
+                writer.write_record(f"data/{meta_ref.key}", storage, tensor.numel() * tensor.element_size())
+            key += _count(layout[index])
+            del item
+
+
+def _count(structure: Any) -> int:
+    return sum(1 for _ in _leaves(structure))
