@@ -1,0 +1,212 @@
+"""Run a transformers model one decoder layer at a time.
+
+The model is built with its parameters on the `meta` device (buffers such as rotary
+frequencies are computed for real, since checkpoints do not hold them). The embedding runs
+on the device, a forward pre-hook on layer 0 captures whatever this `transformers` version
+passes to a decoder layer (hidden states, masks, position embeddings) and stops the forward;
+then each layer is loaded, run over every batch, and freed. The next layer's weights are
+read from disk while the current one computes. Device memory: one layer + activations.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from common.errors import InputError
+from common.layers import LayerLayout
+from common.model_files import Checkpoint
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on `meta` (no memory), buffers normally."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def assign_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+@dataclass
+class LayerInputs:
+    """What one batch feeds a decoder layer: hidden states plus the other arguments."""
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+class _CapturedLayerInputs(Exception):
+    """Raised by the layer-0 hook to stop the forward once the inputs are captured."""
+
+
+class LayerwiseModel:
+    """A causal LM whose decoder layers live on the device one at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, device: torch.device,
+                 dtype: torch.dtype, trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        self.checkpoint, self.layout, self.device, self.dtype = checkpoint, layout, device, dtype
+        try:
+            config = AutoConfig.from_pretrained(checkpoint.dir, trust_remote_code=trust_remote_code)
+            with params_on_meta():
+                self.model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              trust_remote_code=trust_remote_code)
+        except InputError:
+            raise
+        except Exception as error:
+            raise InputError(f"{checkpoint.dir}: transformers cannot build this model "
+                             f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        self.model.eval()
+        self.config = config
+        self.layers_path = f"{layout.prefix}layers"
+        try:
+            layers = self.model.get_submodule(self.layers_path)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList) or len(layers) != len(layout.layers):
+            raise InputError(f"{checkpoint.dir}: the model has no decoder layer list '{self.layers_path}' "
+                             f"matching the checkpoint's {len(layout.layers)} layers")
+        self.layers: nn.ModuleList = layers
+        self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="layer-read")
+        self._prefetched: dict[int, dict[str, Future]] = {}
+        head = self.model.get_output_embeddings()
+        self.head_names = {f"{name}." for name, module in self.model.named_modules() if module is head}
+        self._load_outside_layers()
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _tensor(self, name: str, checkpoint: Checkpoint | None = None) -> torch.Tensor:
+        checkpoint = checkpoint or self.checkpoint
+        if name not in checkpoint.tensors:
+            raise InputError(f"{checkpoint.dir}: tensor {name} is missing")
+        return checkpoint.read_raw(name).to(self.device, self.dtype)
+
+    def _load_outside_layers(self) -> None:
+        """Embeddings, rotary buffers, final norm: everything but the layers and the LM head."""
+        for name, param in list(self.model.named_parameters()):
+            if name.startswith(self.layers_path + ".") or any(name.startswith(h) for h in self.head_names):
+                continue
+            assign_parameter(self.model, name, self._tensor(name))
+        for module_name, module in self.model.named_modules():
+            if not module_name.startswith(self.layers_path):
+                for buffer_name, buffer in list(module._buffers.items()):
+                    if buffer is not None and buffer.device != self.device:
+                        module._buffers[buffer_name] = buffer.to(self.device)
+
+    def load_head(self, checkpoint: Checkpoint | None = None) -> nn.Module:
+        """The LM head with its weight (the input embedding's when the checkpoint ties them)."""
+        checkpoint = checkpoint or self.checkpoint
+        head = self.model.get_output_embeddings()
+        for name, _ in list(head.named_parameters()):
+            full = f"{next(iter(self.head_names))}{name}"
+            if full not in checkpoint.tensors and name == "weight":
+                embed_name = next(n for n, m in self.model.named_modules()
+                                  if m is self.model.get_input_embeddings()) + ".weight"
+                full = embed_name
+            assign_parameter(head, name, self._tensor(full, checkpoint))
+        return head
+
+    def layer_tensor_names(self, index: int) -> dict[str, str]:
+        """Parameter name inside layer `index` -> checkpoint tensor name."""
+        prefix = f"{self.layers_path}.{index}."
+        return {name: f"{prefix}{name}" for name, _ in self.layers[index].named_parameters()}
+
+    def prefetch(self, index: int, checkpoint: Checkpoint | None = None) -> None:
+        """Start reading layer `index`'s weights from disk in the background."""
+        checkpoint = checkpoint or self.checkpoint
+        key = (index, id(checkpoint))
+        if index < len(self.layers) and key not in self._prefetched:
+            pin = self.device.type == "cuda"
+            names = self.layer_tensor_names(index)
+            missing = [full for full in names.values() if full not in checkpoint.tensors]
+            if missing:
+                raise InputError(f"{checkpoint.dir}: tensor {missing[0]} is missing")
+            self._prefetched[key] = {name: self._reader.submit(checkpoint.read_raw, full, pin)
+                                     for name, full in names.items()}
+
+    def load_layer(self, index: int, checkpoint: Checkpoint | None = None) -> nn.Module:
+        """Layer `index` with its weights on the device (read now unless prefetched)."""
+        checkpoint = checkpoint or self.checkpoint
+        self.prefetch(index, checkpoint)
+        layer = self.layers[index]
+        for name, future in self._prefetched.pop((index, id(checkpoint))).items():
+            assign_parameter(layer, name, future.result().to(self.device, self.dtype, non_blocking=True))
+        for module in layer.modules():
+            for buffer_name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.device != self.device:
+                    module._buffers[buffer_name] = buffer.to(self.device)
+        return layer
+
+    def unload_layer(self, index: int) -> None:
+        layer = self.layers[index]
+        for name, param in list(layer.named_parameters()):
+            assign_parameter(layer, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+    # -- activations ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture_inputs(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
+        """Run the embedding for each batch of token ids and capture layer 0's inputs."""
+        captured: list[LayerInputs] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            captured.append(LayerInputs(hidden, rest, kwargs))
+            raise _CapturedLayerInputs
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for batch in batches:
+                try:
+                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                except _CapturedLayerInputs:
+                    continue
+                raise RuntimeError("the first decoder layer was never called")
+        finally:
+            handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, inputs: list[LayerInputs]) -> list[LayerInputs]:
+        """Every batch through `layer`; returns the next layer's inputs (kwargs unchanged)."""
+        outputs = []
+        for item in inputs:
+            out = layer(item.hidden, *item.args, **item.kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(LayerInputs(hidden, item.args, item.kwargs))
+        return outputs
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise InputError(f"{model_dir}: no usable tokenizer ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:120] if str(error).strip() else ''})") from None

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Build DecDEC's thresholds.pt: per Linear, the max over calibration tokens of sorted |input|.
+
+Runs the model one decoder layer at a time (a 70B model fits a 24 GB GPU), on the GPU when
+there is one. Example, offline with a local file:
+    python thresholds.py --model_path meta-llama/Llama-3.1-8B --save_path ./artifacts \\
+        --dataset ./c4-sample.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.activation_stats import SortedInputMaxima, clamp_to_fp16
+from common.calibration import NAMED_DATASETS, load_texts, sample_concat, sample_reference, tokenize_with
+from common.cli import add_device_arg, add_output_args, pick_device, progress
+from common.errors import InputError, run_main
+from common.layers import find_layers
+from common.layerwise import LayerwiseModel, load_tokenizer
+from common.model_files import Checkpoint, resolve_model_dir
+from common.outputs import atomic_file, refuse_existing
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True,
+                        help="model to calibrate (normally the original FP16 model): directory or cached hub id")
+    parser.add_argument("--save_path", required=True,
+                        help="output directory (thresholds.pt is written inside), or a file path ending in .pt")
+    parser.add_argument("--dataset", default="c4",
+                        help=f"named dataset ({', '.join(NAMED_DATASETS)}; needs the 'datasets' package) or "
+                             "a local .txt/.jsonl[.gz|.zst]/.json/.parquet/.csv/.arrow file or save_to_disk "
+                             "folder (default c4)")
+    parser.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
+    parser.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
+    parser.add_argument("--num_examples", type=int, default=100, help="number of samples (default 100)")
+    parser.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--sampling", choices=["reference", "concat"], default="reference",
+                        help="reference: whole passages of at least seq_len tokens, drawn as the reference "
+                             "scripts draw them; concat: random windows of all passages joined (for datasets "
+                             "of short passages such as wikitext2 or ptb)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="dtype the model runs in (default bfloat16)")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per forward pass (default 8)")
+    parser.add_argument("--cpu_only", action="store_true", help="run on the CPU (same as --device cpu)")
+    parser.add_argument("--no_clamp", action="store_true",
+                        help="keep values above 65504 (the runtime's fp16 cast turns them into inf)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the model's own Python code from its directory/hub repo")
+    add_device_arg(parser)
+    add_output_args(parser)
+    return parser.parse_args(argv)
+
+
+def output_path(save_path: str) -> Path:
+    path = Path(save_path)
+    if path.suffix == ".pt":
+        return path
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--save_path {path}: is a file; give a directory or a path ending in .pt")
+    return path / "thresholds.pt"
+
+
+def model_context(config: dict) -> int | None:
+    for source in (config, config.get("text_config") or {}):
+        if isinstance(source.get("max_position_embeddings"), int):
+            return source["max_position_embeddings"]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    for flag in ("seq_len", "num_examples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    device = pick_device("cpu" if args.cpu_only else args.device)
+    target = output_path(args.save_path)
+    refuse_existing([target], args.overwrite)
+    model_dir = resolve_model_dir(args.model_path, "--model_path")
+    checkpoint = Checkpoint(model_dir, "--model_path")
+    layout = find_layers(checkpoint)
+    context = model_context(checkpoint.config)
+    if context is not None and args.seq_len > context:
+        raise InputError(f"--seq_len {args.seq_len}: longer than the model's context ({context} tokens, "
+                         f"{model_dir / 'config.json'})")
+    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
+    texts = load_texts(args.dataset, args.text_column)
+    sampler = sample_reference if args.sampling == "reference" else sample_concat
+    samples = sampler(texts, tokenize_with(tokenizer), args.seq_len, args.num_examples, args.random_state)
+    loaded = time.time()
+
+    thresholds = calibrate(checkpoint, layout, samples, device, DTYPES[args.dtype], args.batch_size,
+                           args.trust_remote_code, args.quiet)
+    if not args.no_clamp:
+        for line in clamp_to_fp16(thresholds):
+            print(line, file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as temp:
+        torch.save(thresholds, temp)
+    if not args.quiet:
+        print(f"{len(thresholds)} layers, {samples.shape[0]} x {samples.shape[1]} tokens on {device}: "
+              f"{time.time() - started:.1f} s ({time.time() - loaded:.1f} s calibration) -> {target}",
+              file=sys.stderr)
+    return 0
+
+
+def calibrate(checkpoint: Checkpoint, layout, samples: torch.Tensor, device: torch.device, dtype: torch.dtype,
+              batch_size: int, trust_remote_code: bool = False, quiet: bool = True) -> list[dict[str, torch.Tensor]]:
+    """thresholds.pt's content: one dict module -> float32 [in] per decoder layer."""
+    model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
+    chunk_elements = (32 << 20) if device.type == "cuda" else (4 << 20)
+    try:
+        inputs = model.capture_inputs(list(samples.split(batch_size)))
+        thresholds = []
+        for index in progress(range(len(layout.layers)), quiet, "thresholds layers"):
+            layer = model.load_layer(index)
+            model.prefetch(index + 1)
+            stats = SortedInputMaxima(layer, chunk_elements)
+            outputs = []
+            for item in inputs:
+                outputs += model.run_layer(layer, [item])
+                stats.end_batch()
+            maxima = stats.close()
+            expected = set(layout.layers[index].linears)
+            if set(maxima) != expected:
+                missing = sorted(expected - set(maxima)) or sorted(set(maxima) - expected)
+                raise InputError(f"{checkpoint.dir}: layer {index} module {missing[0]} is not an nn.Linear "
+                                 "that ran during the forward pass; this architecture is not supported")
+            thresholds.append(dict(sorted(maxima.items())))
+            inputs = outputs
+            model.unload_layer(index)
+    finally:
+        model.close()
+    return thresholds
+
+
+if __name__ == "__main__":
+    run_main(main)
