@@ -54,9 +54,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 
 
 def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, intermediate_size: int = 128,
-                num_layers: int = 2, num_heads: int = 4, max_positions: int = 512):
+                num_layers: int = 2, num_heads: int = 4, max_positions: int = 512, **overrides):
     from transformers import AutoConfig
-    settings = dict(FAMILIES[family])
+    settings = {**FAMILIES[family], **overrides}
     model_type = settings.pop("model_type")
     return AutoConfig.for_model(
         model_type, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -79,6 +79,10 @@ def build_model(family: str, path: Path, tokenizer, dtype: torch.dtype = torch.f
     config = tiny_config(family, len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):  # transformers initializes biases to zero; real ones are not
+                param.normal_(0.0, 0.02)
     if outliers:
         plant_outliers(model)
     save_model(model.to(dtype), path, tokenizer, max_shard_size)

@@ -1,0 +1,68 @@
+"""Stream a checkpoint into one or more new float16 model directories, one decoder layer at a time.
+
+Used by conv_awq.py (scaled + fake-quantized outputs) and conv_sqllm.py (fake-quantized).
+Tensors outside the decoder layers are copied (as float16); each layer's tensors are read
+ahead in the background, transformed on the device by the caller, and written straight
+into pre-planned safetensors shards. Every output appears only when complete.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.layers import LayerLayout
+from common.model_files import Checkpoint
+from common.model_writer import ShardedModelWriter, copy_model_files
+from common.outputs import atomic_dir
+from common.prefetch import prefetched
+
+# (layer index, {local tensor name: float32 tensor on the device}, extras) -> {output: {local name: tensor}}
+LayerTransform = Callable[[int, dict[str, torch.Tensor], Any], dict[str, dict[str, torch.Tensor]]]
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype.is_floating_point else dtype
+
+
+def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str, Path],
+                  transform: LayerTransform, device: torch.device, max_shard_size: int, overwrite: bool,
+                  progress: Callable, read_extras: Callable[[int], Any] = lambda index: None) -> None:
+    """Write every output directory; `transform` supplies each layer's new tensors.
+
+    `read_extras(i)` loads whatever else layer i needs (e.g. LUTs and codes); it runs ahead in
+    the background with the layer's own tensors.
+    """
+    plan = [(name, info.shape, output_dtype(info.dtype)) for name, info in checkpoint.tensors.items()]
+    pin = device.type == "cuda"
+    with ExitStack() as stack:
+        writers = {}
+        for key, path in outputs.items():
+            temp = stack.enter_context(atomic_dir(path, overwrite))
+            writers[key] = ShardedModelWriter(temp, plan, max_shard_size)
+            stack.callback(writers[key].close)
+            copy_model_files(checkpoint.dir, temp)
+        for name in layout.outside:
+            tensor = checkpoint.read_raw(name).to(output_dtype(checkpoint.tensors[name].dtype))
+            for writer in writers.values():
+                writer.write(name, tensor)
+
+        def read_layer(index: int) -> tuple[dict[str, torch.Tensor], Any]:
+            layer = layout.layers[index]
+            names = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
+            return {local: checkpoint.read_raw(name, pin) for local, name in names.items()}, read_extras(index)
+
+        steps = range(len(layout.layers))
+        for index, (raw, extras) in progress(prefetched(steps, read_layer), desc="layers", total=len(steps)):
+            tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
+            results = transform(index, tensors, extras)
+            layer = layout.layers[index]
+            full = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
+            for key, produced in results.items():
+                for local, name in full.items():
+                    writers[key].write(name, produced[local].to(output_dtype(checkpoint.tensors[name].dtype)))
+            del tensors, results
+        for writer in writers.values():
+            writer.finish()

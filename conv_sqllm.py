@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Any-Precision-LLM / SqueezeLLM quantized folder + original model -> fake-quantized FP16 model.
+
+Example:
+    python conv_sqllm.py --original_model_path meta-llama/Llama-3.1-8B \\
+        --quantized_path ./cache/packed/llama3-8b-w3 --output_path ./llama3-8b-sqllm3-fq
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.cli import add_device_arg, add_output_args, pick_device, progress
+from common.convert import convert_model
+from common.errors import InputError, run_main
+from common.layers import find_layers
+from common.model_files import Checkpoint, resolve_model_dir
+from common.model_writer import parse_size
+from common.sqllm import dequantize, load_pickled_dict, lut_bit_widths
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original_model_path", required=True, help="original model: directory or cached hub id")
+    parser.add_argument("--quantized_path", required=True,
+                        help="quantizer output folder with lut_<bits>/l<i>.pt and weights/l<i>.pt")
+    parser.add_argument("--output_path", required=True, help="fake-quantized FP16 model directory to write")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="bit width to use when the folder holds several lut_<bits> (an upscaled model)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    add_device_arg(parser)
+    add_output_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    quantized = Path(args.quantized_path)
+    widths = lut_bit_widths(quantized)
+    if args.bits is None and len(widths) > 1:
+        raise InputError(f"--quantized_path {quantized}: holds lut_{{{','.join(map(str, widths))}}}; "
+                         "choose one with --bits")
+    bits = args.bits if args.bits is not None else widths[0]
+    if bits not in widths:
+        raise InputError(f"--bits {bits}: {quantized} has no lut_{bits} folder (it has {widths})")
+    shift = max(widths) - bits  # codes are stored for the largest bit width
+    device = pick_device(args.device)
+    checkpoint = Checkpoint(resolve_model_dir(args.original_model_path, "--original_model_path"),
+                            "--original_model_path")
+    layout = find_layers(checkpoint)
+    for index in range(len(layout.layers)):
+        for folder in (f"lut_{bits}", "weights"):
+            if not (quantized / folder / f"l{index}.pt").is_file():
+                raise InputError(f"{quantized / folder / f'l{index}.pt'}: missing "
+                                 f"(the model has {len(layout.layers)} layers)")
+
+    def read_quantized(index: int) -> tuple[dict, dict]:
+        return (load_pickled_dict(quantized / f"lut_{bits}" / f"l{index}.pt"),
+                load_pickled_dict(quantized / "weights" / f"l{index}.pt"))
+
+    def transform(index: int, tensors: dict[str, torch.Tensor], extras) -> dict[str, dict[str, torch.Tensor]]:
+        luts, codes = extras
+        linears = layout.layers[index].linears
+        for source, table in ((f"lut_{bits}", luts), ("weights", codes)):
+            unknown = sorted(set(table) - set(linears))
+            if unknown:
+                raise InputError(f"{quantized / source / f'l{index}.pt'}: {unknown[0]} is not a Linear of layer "
+                                 f"{index} of {checkpoint.dir}")
+            missing = sorted(set(linears) - set(table))
+            if missing:
+                raise InputError(f"{quantized / source / f'l{index}.pt'}: module {missing[0]} is missing")
+        result = {}
+        for local, tensor in tensors.items():
+            module = local[: -len(".weight")]
+            if module in linears:
+                where = f"{quantized}/{{lut_{bits},weights}}/l{index}.pt: {module}"
+                weight = dequantize(luts[module].to(device), codes[module].to(device), shift, where,
+                                    tuple(tensor.shape))
+                result[local] = weight.half()
+            else:
+                result[local] = tensor
+        return {"fakequant": result}
+
+    convert_model(checkpoint, layout, {"fakequant": Path(args.output_path)}, transform, device,
+                  parse_size(args.max_shard_size), args.overwrite,
+                  lambda items, desc, total: progress(items, args.quiet, desc, total), read_quantized)
+    if not args.quiet:
+        print(f"{len(layout.layers)} layers, {bits}-bit, on {device} in {time.time() - started:.1f} s -> "
+              f"{args.output_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
