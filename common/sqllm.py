@@ -8,6 +8,7 @@ a file that needs anything else is refused rather than executed.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from common.errors import InputError
 
+_ALLOWLIST_LOCK = threading.Lock()  # torch's safe_globals context is process-wide, not per thread
 LUT_DIR = re.compile(r"^lut_(\d+)$")
 LAYER_PREFIX = re.compile(r"^(?:.*\.)?layers\.\d+\.")
 
@@ -40,7 +42,7 @@ def load_pickled_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"{path}: missing")
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
+        with _ALLOWLIST_LOCK, torch.serialization.safe_globals(numpy_safe_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         lines = str(error).strip().splitlines()
