@@ -1,0 +1,162 @@
+"""evaluate.py: the simulated correction against its definition, the bucket selection by hand,
+the trend over k_chunk, --check on corrupted artifacts, and bad inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common.decdec_sim import SimulatedLinear, bucket_edges, select_buckets, select_channels
+from tests.helpers import assert_input_error, run_script
+
+
+@pytest.fixture(scope="module")
+def artifacts(llama_pair, tmp_path_factory, corpus) -> tuple[Path, Path, Path, Path]:
+    original, quantized = llama_pair
+    folder = tmp_path_factory.mktemp("artifacts")
+    data = folder / "text.txt"
+    data.write_text("\n\n".join(corpus))
+    for script, args in (("cheatsheet.py", ["--original_model", original, "--quantized_model", quantized]),
+                         ("thresholds.py", ["--model_path", original, "--dataset", data, "--seq_len", 64,
+                                            "--num_examples", 16])):
+        result = run_script(script, *args, "--save_path", folder, "--quiet")
+        assert result.returncode == 0, result.stderr[-2000:]
+    return original, quantized, folder, data
+
+
+def test_full_exact_correction_equals_corrected_weight_and_zero_equals_fakequant():
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(1124, 16, bias=True).double()
+    residual = torch.randn(16, 1124, generator=generator, dtype=torch.float64) * 0.01
+    simulated = SimulatedLinear(linear, residual, torch.linspace(5, 0, 1124))
+    x = torch.randn(3, 7, 1124, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        simulated.k_chunk, simulated.selection = 1024, "exact"
+        full = simulated(x)
+        want = x @ (linear.weight + residual).t() + linear.bias
+        assert torch.allclose(full, want, atol=1e-12)
+        simulated.k_chunk = 0
+        assert torch.equal(simulated(x), linear(x))
+
+
+def test_bucket_selection_by_hand():
+    # thresholds: a = 10, and with k_chunk = 512 on 8 channels k = 4, b = thresholds[3] = 4.
+    thresholds = torch.tensor([10.0, 8, 6, 4, 2, 1, 0.5, 0.25])
+    edges = bucket_edges(thresholds, 4)
+    assert edges[0] == 10 and edges[15] == 4 and edges[16] == 3.75 and edges[31] == 0
+    assert torch.all(edges[1:] <= edges[:-1])
+    # |x| = 11 -> bucket 0; 9 -> 3; 5 -> 13; 4.5 -> 14; 3 -> 19; 0.1 and 0 -> 31
+    x = torch.tensor([[0.1, 9.0, 5.0, 4.5, 11.0, 3.0, 4.2, 0.0]])
+    assert select_channels(x, thresholds, 512, "buckets").tolist() == [[False, True, True, True, True,
+                                                                         False, False, False]]
+    # a partly taken last bucket: channel 2 in bucket 0, channels 1, 5, 6 all in bucket 3 (|x| in [8.8, 9.2)).
+    # Quota 3 takes bucket 0, then 2 of bucket 3 in the kernel's scan order (j - 3) mod 8: 5, 6, then 1.
+    x = torch.tensor([[0.0, 9.0, 12.0, 0.0, 0.0, 9.0, 9.1, 0.0]])
+    assert select_buckets(x, edges, 3).nonzero()[:, 1].tolist() == [2, 5, 6]
+    # exact top-k would rather take the largest: 2, 6 and then 1 or 5 by |x|
+    assert select_channels(x, thresholds, 384, "exact").nonzero()[:, 1].tolist() == [1, 2, 6] or \
+        select_channels(x, thresholds, 384, "exact").nonzero()[:, 1].tolist() == [2, 5, 6]
+
+
+def test_per_chunk_quota_with_a_short_last_chunk():
+    in_features = 1024 + 100
+    thresholds = torch.linspace(8, 0.1, in_features)
+    x = torch.rand(5, in_features, generator=torch.Generator().manual_seed(3)) * 8
+    for selection in ("buckets", "exact", "random"):
+        mask = select_channels(x, thresholds, 64, selection, torch.Generator().manual_seed(0))
+        assert (mask[:, :1024].sum(1) == 64).all(), selection
+        assert (mask[:, 1024:].sum(1) == (64 * 100) // 1024).all(), selection  # floor(6.25) = 6
+    assert not select_channels(x, thresholds, 0, "buckets").any()
+
+
+def test_bucket_selection_never_beats_exact_top_k():
+    x = torch.randn(64, 2048, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, 2048)
+    thresholds = x.abs().sort(dim=1, descending=True).values.amax(0)
+    for k_chunk in (8, 32, 128):
+        bucket = select_channels(x, thresholds, k_chunk, "buckets")
+        exact = select_channels(x, thresholds, k_chunk, "exact")
+        assert (bucket.sum(1) == exact.sum(1)).all()
+        captured_bucket = (x.abs() * bucket).sum(1)
+        captured_exact = (x.abs() * exact).sum(1)
+        assert (captured_bucket <= captured_exact + 1e-4).all()
+        assert captured_bucket.sum() > 0.8 * captured_exact.sum()
+
+
+def run_evaluate(quantized, folder, *extra):
+    return run_script("evaluate.py", "--quantized_model", quantized, "--artifacts", folder, "--quiet", *extra)
+
+
+def test_trend_over_k_chunk_and_outputs(artifacts, tmp_path):
+    original, quantized, folder, data = artifacts
+    reports = {}
+    for selection in ("buckets", "exact"):
+        result = run_evaluate(quantized, folder, "--original_model", original, "--dataset", data, "--seq_len", 128,
+                              "--max_chunks", 6, "--k_chunks", 0, 32, 128, 512, 1024, "--selection", selection,
+                              "--output", tmp_path / f"{selection}.json", "--plot", tmp_path / f"{selection}.png")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "fake-quantized" in result.stdout and "DecDEC k_chunk=128" in result.stdout
+        reports[selection] = json.loads((tmp_path / f"{selection}.json").read_text())
+        assert (tmp_path / f"{selection}.png").read_bytes()[:4] == b"\x89PNG"
+    report = reports["buckets"]
+    assert {"ppl"} <= set(report["original"]) and {"ppl", "kl"} <= set(report["fakequant"])
+    kls = [entry["kl"] for entry in report["decdec"]]
+    assert [e["k_chunk"] for e in report["decdec"]] == [0, 32, 128, 512, 1024]
+    assert kls[0] == report["fakequant"]["kl"] > 0
+    assert all(later < earlier for earlier, later in zip(kls, kls[1:])), kls
+    assert kls[-1] < 0.2 * kls[0]
+    for bucket, exact in zip(report["decdec"][1:], reports["exact"]["decdec"][1:]):
+        assert exact["kl"] <= bucket["kl"] * 1.05, (bucket, exact)
+        assert bucket["kl"] <= exact["kl"] * 3 + 1e-3, (bucket, exact)
+
+
+def corrupt(folder: Path, target: Path, change) -> Path:
+    shutil.copytree(folder, target)
+    sheet = torch.load(target / "cheatsheet.pt", weights_only=True)
+    thresholds = torch.load(target / "thresholds.pt", weights_only=True)
+    sheet, thresholds = change(sheet, thresholds)
+    torch.save(sheet, target / "cheatsheet.pt")
+    torch.save(thresholds, target / "thresholds.pt")
+    return target
+
+
+def test_check_catches_corrupted_artifacts(artifacts, tmp_path):
+    original, quantized, folder, _ = artifacts
+    result = run_evaluate(quantized, folder, "--check", "--original_model", original)
+    assert result.returncode == 0 and "matches" in result.stderr and "relative error" in result.stderr
+
+    def break_three(sheet, thresholds):
+        sheet[0]["mlp.up_proj"]["cheatsheet"] = sheet[0]["mlp.up_proj"]["cheatsheet"][:, :-1].contiguous()
+        sheet[1]["self_attn.o_proj"]["reordered_scales"][4] = float("nan")
+        return sheet, thresholds[:1]
+    broken = corrupt(folder, tmp_path / "broken", break_three)
+    result = run_evaluate(quantized, broken, "--check")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "thresholds.pt: 1 layers, the model has 2" in result.stderr
+    assert "layer 0 mlp.up_proj: 'cheatsheet' should be int32 [64, 16], is int32 [64, 15]" in result.stderr
+    assert "layer 1 self_attn.o_proj: scales hold NaN" in result.stderr
+
+    def unsorted(sheet, thresholds):
+        thresholds[1]["mlp.down_proj"][5] = 1e3
+        return sheet, thresholds
+    result = run_evaluate(quantized, corrupt(folder, tmp_path / "unsorted", unsorted), "--check")
+    assert result.returncode == 2 and "layer 1 mlp.down_proj: not non-increasing" in result.stderr
+
+
+def test_bad_inputs(artifacts, phi3_pair, tmp_path):
+    original, quantized, folder, data = artifacts
+    _, phi3_fq = phi3_pair
+    result = run_evaluate(phi3_fq, folder, "--check")
+    assert result.returncode == 2 and "self_attn.qkv_proj: missing" in result.stderr
+    assert_input_error(run_evaluate(quantized, folder, "--k_chunks", 2000), "--k_chunks 2000")
+    assert_input_error(run_evaluate(quantized, folder, "--k_chunks", -1), "--k_chunks -1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_input_error(run_evaluate(quantized, empty), "cheatsheet.pt", "missing")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert_input_error(run_evaluate(quantized, folder, "--dataset", short, "--seq_len", 512),
+                       "fewer than one window")
