@@ -94,3 +94,27 @@ def save_model(model, path: Path, tokenizer=None, max_shard_size: str | int | No
     model.save_pretrained(path, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def train_briefly(model, tokenizer, texts: list[str], steps: int, seq_len: int = 128, batch_size: int = 16,
+                  lr: float = 3e-3, seed: int = 0, device: str | torch.device = "cpu", progress=None) -> float:
+    """A few hundred AdamW steps of next-token training on `texts`, so perplexities mean something.
+
+    Returns the last training loss. Random windows of the joined texts, seeded.
+    """
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    loss = torch.tensor(float("nan"))
+    for _ in (progress(range(steps)) if progress else range(steps)):
+        starts = torch.randint(0, ids.shape[0] - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([ids[s: s + seq_len] for s in starts]).to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    return float(loss.detach())
