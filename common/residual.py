@@ -23,13 +23,14 @@ def row_scale_bound(residual: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 def candidate_scales(bound: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """float32 [rows, G]: bit-for-bit what `torch.linspace(m / G, m, G)` gives on the CPU.
+    """float32 [rows, G]: bit-for-bit what the reference's `torch.linspace(m / G, m, G)` gives on
+    the CPU, m being the fp16 bound (so m / G is an fp16 division, rounded to fp16).
 
     linspace takes start + step*i for the first half and end - step*(G-1-i) for the rest,
     each rounded once; float64 arithmetic rounded to float32 reproduces that exactly.
     """
     end = bound.float()
-    start = (bound.double() / grid_size).float()
+    start = (bound.float() / grid_size).half().float()
     step = ((end - start) / (grid_size - 1)).double() if grid_size > 1 else torch.zeros_like(end.double())
     index = torch.arange(grid_size, device=bound.device, dtype=torch.float64)
     from_start = start.double()[:, None] + step[:, None] * index
