@@ -7,9 +7,12 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+
+PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
+
+import argparse  # noqa: E402
+import sys
 from pathlib import Path
 
 import torch
@@ -49,7 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.time()
     if args.grid_size < 1:
         raise InputError(f"--grid_size {args.grid_size}: must be at least 1")
     if args.num_workers is not None:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                lambda items, desc: progress(items, args.quiet, desc))
     if not args.quiet:
         layers = len(models.layout.layers)
-        print(f"{layers} layers on {device} in {time.time() - started:.1f} s:", file=sys.stderr)
+        print(f"{layers} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s:", file=sys.stderr)
         for path in written.values():
             print(f"  {path}", file=sys.stderr)
     return 0

@@ -11,9 +11,12 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+
+PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
+
+import argparse  # noqa: E402
+import sys
 from pathlib import Path
 
 import torch
@@ -47,7 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.time()
     if not args.scaled_output and not args.fakequant_output:
         raise InputError("give --scaled_output, --fakequant_output or both")
     if args.q_group_size == 0 or args.q_group_size < -1:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     convert_model(checkpoint, layout, outputs, transform, device, parse_size(args.max_shard_size),
                   args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total))
     if not args.quiet:
-        print(f"{len(layout.layers)} layers on {device} in {time.time() - started:.1f} s -> "
+        print(f"{len(layout.layers)} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s -> "
               + ", ".join(str(p) for p in outputs.values()), file=sys.stderr)
     return 0
 

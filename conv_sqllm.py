@@ -7,9 +7,12 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+
+PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
+
+import argparse  # noqa: E402
+import sys
 from pathlib import Path
 
 import torch
@@ -39,7 +42,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.time()
     quantized = Path(args.quantized_path)
     widths = lut_bit_widths(quantized)
     if args.bits is None and len(widths) > 1:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                   parse_size(args.max_shard_size), args.overwrite,
                   lambda items, desc, total: progress(items, args.quiet, desc, total), read_quantized)
     if not args.quiet:
-        print(f"{len(layout.layers)} layers, {bits}-bit, on {device} in {time.time() - started:.1f} s -> "
+        print(f"{len(layout.layers)} layers, {bits}-bit, on {device} in {time.time() - PROCESS_STARTED:.1f} s -> "
               f"{args.output_path}", file=sys.stderr)
     return 0
 

@@ -9,7 +9,6 @@ model size, and parts whose fingerprint matches are reused after an interruption
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -2,7 +2,6 @@
 read, the side outputs, --add_fused, resuming, and every bad input."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -172,7 +171,6 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, tmp_path):
     part = save / PARTS_DIR / "layer-00000.safetensors"
     assert part.exists() and not (save / PARTS_DIR / "layer-00001.safetensors").exists()
     assert not (save / "cheatsheet.pt").exists()
-    stamp = part.stat().st_mtime_ns
     seen = []
 
     def record(items, desc):
@@ -183,7 +181,6 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, tmp_path):
     assert seen == [1]  # layer 0 came from its part
     assert_same_sheets(torch.load(save / "cheatsheet.pt", weights_only=True), expected)
     assert not (save / PARTS_DIR).exists()
-    del stamp
 
 
 def test_changed_options_do_not_reuse_parts(llama_pair, tmp_path):

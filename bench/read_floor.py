@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""The I/O floor: read every weight file of the given model directories once, sequentially.
+
+    python bench/read_floor.py /tmp/bench/original /tmp/bench/fakequant
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+BLOCK = 64 << 20
+
+
+def main() -> None:
+    files = [f for d in sys.argv[1:] for f in sorted(Path(d).glob("*.safetensors"))]
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    total = 0
+    started = time.time()
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while (got := handle.readinto(view)) > 0:
+                total += got
+    wall = time.time() - started
+    print(f"read {total / 1e9:.1f} GB in {wall:.1f} s ({total / 1e9 / wall:.2f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
