@@ -18,6 +18,10 @@ from common.tiny_models import build_model
 from tests.helpers import assert_input_error, run_script
 
 SEQ_LEN, NUM = 48, 12
+# CI compares on the CPU to float32 rounding; on a GPU machine DECDEC_TEST_DEVICE=cuda runs the same
+# comparison through the GPU path, where other matmul kernels round differently.
+DEVICE = os.environ.get("DECDEC_TEST_DEVICE", "cpu")
+RTOL = 1e-5 if DEVICE == "cpu" else 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +56,7 @@ def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, t
     family, original, _ = model_pair
     result = run_script("thresholds.py", "--model_path", original, "--save_path", tmp_path, "--dataset",
                         corpus_file, "--seq_len", SEQ_LEN, "--num_examples", NUM, "--dtype", "float32",
-                        "--batch_size", 5, "--quiet")
+                        "--batch_size", 5, "--quiet", "--device", DEVICE)
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = torch.load(tmp_path / "thresholds.pt", weights_only=True)
     from transformers import AutoTokenizer
@@ -65,7 +69,7 @@ def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, t
         assert set(got) == set(want)
         for module, values in got.items():
             assert values.dtype == torch.float32 and values.device.type == "cpu"
-            assert torch.allclose(values, want[module], rtol=1e-5, atol=1e-6), module
+            assert torch.allclose(values, want[module], rtol=RTOL, atol=RTOL / 10), module
             assert (values[:-1] >= values[1:]).all(), module
         if family != "phi3":
             assert torch.equal(got["self_attn.q_proj"], got["self_attn.k_proj"])
