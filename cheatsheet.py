@@ -12,16 +12,12 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-import sys
-from pathlib import Path
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-
-from common.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, PairedModels, build_cheatsheet
-from common.cli import add_device_arg, add_output_args, pick_device, progress
-from common.errors import InputError, run_main
-from common.model_files import Checkpoint, resolve_model_dir
-from common.outputs import output_dir, refuse_existing
+from common.cli import add_device_arg, add_output_args, pick_device, progress  # noqa: E402
+from common.errors import InputError, run_main  # noqa: E402
+from common.readahead import start_readahead  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Start reading the weights now: torch's import and the checks below then cost no I/O time.
+    start_readahead([Path(args.original_model), Path(args.quantized_model)], layers_only=True)
+    import torch
+    from common.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, PairedModels, build_cheatsheet
+    from common.model_files import Checkpoint, resolve_model_dir
+    from common.outputs import output_dir, refuse_existing
     if args.grid_size < 1:
         raise InputError(f"--grid_size {args.grid_size}: must be at least 1")
     if args.num_workers is not None:

@@ -28,6 +28,7 @@ from common.errors import InputError, run_main
 from common.layers import find_layers
 from common.model_files import Checkpoint, resolve_model_dir
 from common.model_writer import parse_size
+from common.readahead import start_readahead
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start_readahead([Path(args.model_path)])  # reading overlaps the checks and set-up below
     if not args.scaled_output and not args.fakequant_output:
         raise InputError("give --scaled_output, --fakequant_output or both")
     if args.q_group_size == 0 or args.q_group_size < -1:

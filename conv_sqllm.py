@@ -23,6 +23,7 @@ from common.errors import InputError, run_main
 from common.layers import find_layers
 from common.model_files import Checkpoint, resolve_model_dir
 from common.model_writer import parse_size
+from common.readahead import start_readahead
 from common.sqllm import dequantize, load_pickled_dict, lut_bit_widths
 
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start_readahead([Path(args.original_model_path)])  # reading overlaps the checks and set-up below
     quantized = Path(args.quantized_path)
     widths = lut_bit_widths(quantized)
     if args.bits is None and len(widths) > 1:

@@ -13,21 +13,15 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-import sys
-from pathlib import Path
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
+from common.cli import add_device_arg, add_output_args, pick_device, progress  # noqa: E402
+from common.errors import InputError, run_main  # noqa: E402
+from common.readahead import start_readahead  # noqa: E402
 
-from common.activation_stats import SortedInputMaxima, clamp_to_fp16
-from common.calibration import NAMED_DATASETS, load_texts, sample_concat, sample_reference, tokenize_with
-from common.cli import add_device_arg, add_output_args, pick_device, progress
-from common.errors import InputError, run_main
-from common.layers import find_layers
-from common.layerwise import LayerwiseModel, load_tokenizer
-from common.model_files import Checkpoint, resolve_model_dir
-from common.outputs import atomic_file, refuse_existing
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NAMED_DATASETS = ("wikitext2", "ptb", "c4", "pileval")  # common.calibration.NAMED_DATASETS, without its imports
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reference: whole passages of at least seq_len tokens, drawn as the reference "
                              "scripts draw them; concat: random windows of all passages joined (for datasets "
                              "of short passages such as wikitext2 or ptb)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype the model runs in (default bfloat16)")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per forward pass (default 8)")
     parser.add_argument("--cpu_only", action="store_true", help="run on the CPU (same as --device cpu)")
@@ -79,6 +73,14 @@ def model_context(config: dict) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Start reading the weights now, so imports, tokenizer and data preparation cost no I/O time.
+    start_readahead([Path(args.model_path)], skip=("lm_head",))
+    import torch
+    from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
+    from common.layers import find_layers
+    from common.layerwise import load_tokenizer
+    from common.model_files import Checkpoint, resolve_model_dir
+    from common.outputs import atomic_file, refuse_existing
     started = time.time()
     for flag in ("seq_len", "num_examples", "batch_size"):
         if getattr(args, flag) < 1:
@@ -99,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = sampler(texts, tokenize_with(tokenizer), args.seq_len, args.num_examples, args.random_state)
     loaded = time.time()
 
-    thresholds = calibrate(checkpoint, layout, samples, device, DTYPES[args.dtype], args.batch_size,
+    thresholds = calibrate(checkpoint, layout, samples, device, getattr(torch, args.dtype), args.batch_size,
                            args.trust_remote_code, args.quiet)
     if not args.no_clamp:
+        from common.activation_stats import clamp_to_fp16
         for line in clamp_to_fp16(thresholds):
             print(line, file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def calibrate(checkpoint: Checkpoint, layout, samples: torch.Tensor, device: torch.device, dtype: torch.dtype,
-              batch_size: int, trust_remote_code: bool = False, quiet: bool = True) -> list[dict[str, torch.Tensor]]:
+def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust_remote_code: bool = False,
+              quiet: bool = True) -> list[dict]:
     """thresholds.pt's content: one dict module -> float32 [in] per decoder layer."""
+    from common.activation_stats import SortedInputMaxima
+    from common.layerwise import LayerwiseModel
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
     chunk_elements = (32 << 20) if device.type == "cuda" else (4 << 20)
     try:

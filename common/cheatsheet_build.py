@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from common.errors import InputError
-from common.layers import LayerLayout, check_same_layers, find_layers
+from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
 from common.model_files import Checkpoint, read_safetensors_file
 from common.outputs import atomic_file
 from common.residual import pack_nibbles, quantize_residual, reorder_scales
-from common.torchsave import TensorMeta, write_streamed
+from common.prefetch import prefetched
+from common.torchsave import StreamedWriter, TensorMeta
 
 OUTPUT_FILES = {
     "cheatsheet": "cheatsheet.pt",
@@ -200,73 +201,114 @@ def item_for_output(results: dict[str, dict[str, torch.Tensor]], kind: str) -> d
 
 def build_cheatsheet(models: PairedModels, save_path: Path, options: CheatsheetOptions,
                      device: torch.device, progress: Callable) -> dict[str, Path]:
-    """Compute every layer (reusing matching parts), then assemble the outputs atomically."""
+    """Compute every layer (reusing matching parts) and stream the outputs as layers finish.
+
+    Each finished layer goes to its part file (for resuming) and, at the same time, into the
+    final files, which background threads write (and rename) in layer order.
+    """
     parts = PartStore(save_path, models.fingerprint(options))
+    targets = {kind: save_path / OUTPUT_FILES[kind] for kind in options.outputs()}
     try:
-        _compute_missing_layers(models, parts, options, device, progress)
-        written = {}
-        for kind in options.outputs():
-            target = save_path / OUTPUT_FILES[kind]
-            layout = output_layout(models, options, kind)
-            with atomic_file(target) as temp:
-                write_streamed(temp, layout, lambda i, kind=kind: item_for_output(parts.read(i), kind))
-            written[kind] = target
+        with ExitStack() as stack:
+            writers = {kind: stack.enter_context(StreamedWriter(stack.enter_context(atomic_file(target)),
+                                                                output_layout(models, options, kind)))
+                       for kind, target in targets.items()}
+            for _, results in _layer_results(models, parts, options, device, progress):
+                for kind, writer in writers.items():
+                    writer.put(item_for_output(results, kind))
     except InputError:
         parts.remove()  # bad input: a rerun with the same input cannot use these parts
         raise
     parts.remove()
-    return written
+    return targets
 
 
-def _compute_missing_layers(models: PairedModels, parts: PartStore, options: CheatsheetOptions,
-                            device: torch.device, progress: Callable) -> None:
-    pin = device.type == "cuda"
+def _layer_results(models: PairedModels, parts: PartStore, options: CheatsheetOptions, device: torch.device,
+                   progress: Callable) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
+    """Every layer's results in order: from its part when one exists, else computed."""
     todo = [layer for layer in models.layout.layers if not parts.done(layer.index)]
-    jobs = [(layer.index, module, layer.linears[module], models.quantized_layout.layers[layer.index].linears[module])
-            for layer in todo for module in sorted(layer.linears)]
-    with ThreadPoolExecutor(max_workers=2 * READ_AHEAD, thread_name_prefix="read") as readers, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        pending: deque[tuple[Future, Future]] = deque()
-        next_job = 0
+    pending = {layer.index for layer in todo}
+    computed = _compute_layers(models, parts, options, device, progress(todo, desc="cheatsheet layers"))
+    for layer in models.layout.layers:
+        if layer.index in pending:
+            index, results = next(computed)
+            assert index == layer.index
+            yield index, results
+        else:
+            yield layer.index, parts.read(layer.index)
 
-        def fill() -> None:
-            nonlocal next_job
-            while next_job < len(jobs) and len(pending) < READ_AHEAD:
-                _, _, name_o, name_q = jobs[next_job]
-                pending.append((readers.submit(models.original.read_raw, name_o, pin),
-                                readers.submit(models.quantized.read_raw, name_q, pin)))
-                next_job += 1
 
-        last_write: Future | None = None
-        job = 0
-        for layer in progress(todo, desc="cheatsheet layers"):
-            results: dict[str, dict[str, torch.Tensor]] = {}
-            finite: list[torch.Tensor] = []
-            names: list[tuple[str, str]] = []
+def _compute_layers(models: PairedModels, parts: PartStore, options: CheatsheetOptions, device: torch.device,
+                    layers: Iterable[DecoderLayer]) -> Iterator[tuple[int, dict[str, dict[str, torch.Tensor]]]]:
+    """Quantize the residuals of `layers` on the device while reader threads fetch the next
+    weights; yield each finished layer (on the CPU) and write it to its part file."""
+    pin = device.type == "cuda"
+
+    def jobs() -> Iterator[tuple[DecoderLayer, str]]:
+        for layer in layers:
             for module in sorted(layer.linears):
-                fill()
-                future_o, future_q = pending.popleft()
-                _, _, name_o, name_q = jobs[job]
-                job += 1
-                weight_o = future_o.result().to(device, non_blocking=True).half()
-                weight_q = future_q.result().to(device, non_blocking=True).half()
-                finite += [torch.isfinite(weight_o).all(), torch.isfinite(weight_q).all()]
-                names += [(f"{models.original.dir}: tensor {name_o}", "holds NaN or Inf (as float16)"),
-                          (f"{models.quantized.dir}: tensor {name_q}", "holds NaN or Inf (as float16)")]
-                results[module] = residual_outputs(weight_o, weight_q, options)
-                finite.append(results[module].pop("finite"))
-                names.append((f"{models.quantized.dir}: tensor {name_q}",
-                              "differs from the original by more than float16 can hold"))
-                del weight_o, weight_q
-            flags = torch.stack(finite).cpu()
-            if not bool(flags.all()):
-                where, problem = names[int((~flags).nonzero()[0])]
-                raise InputError(f"{where} {problem}")
-            results = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in results.items()}
-            if options.add_fused:
-                add_fused_entries(results, sorted(layer.linears))
-            if last_write is not None:
-                last_write.result()  # at most one layer waits to be written
-            last_write = writer.submit(parts.write, layer.index, results)
+                yield layer, module
+
+    def read(job: tuple[DecoderLayer, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, module = job
+        return (models.original.read_raw(layer.linears[module], pin),
+                models.quantized.read_raw(models.quantized_layout.layers[layer.index].linears[module], pin))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-part") as part_writer:
+        last_write: Future | None = None
+        layer_results = LayerResults(None)
+        for (layer, module), (raw_o, raw_q) in prefetched(jobs(), read, depth=READ_AHEAD):
+            if layer is not layer_results.layer:
+                if layer_results.layer is not None:
+                    last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
+                    yield layer_results.layer.index, layer_results.modules
+                layer_results = LayerResults(layer)
+            weight_o = raw_o.to(device, non_blocking=True).half()
+            weight_q = raw_q.to(device, non_blocking=True).half()
+            name_o = layer.linears[module]
+            name_q = models.quantized_layout.layers[layer.index].linears[module]
+            outputs = residual_outputs(weight_o, weight_q, options)
+            layer_results.check(torch.isfinite(weight_o).all(), f"{models.original.dir}: tensor {name_o} holds "
+                                "NaN or Inf (as float16)")
+            layer_results.check(torch.isfinite(weight_q).all(), f"{models.quantized.dir}: tensor {name_q} holds "
+                                "NaN or Inf (as float16)")
+            layer_results.check(outputs.pop("finite"), f"{models.quantized.dir}: tensor {name_q} differs from "
+                                "the original by more than float16 can hold")
+            layer_results.modules[module] = outputs
+        if layer_results.layer is not None:
+            last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
+            yield layer_results.layer.index, layer_results.modules
         if last_write is not None:
             last_write.result()
+
+
+class LayerResults:
+    """One layer's outputs while it is computed, with its pending finiteness checks (device flags)."""
+
+    def __init__(self, layer: DecoderLayer | None):
+        self.layer = layer
+        self.modules: dict[str, dict[str, torch.Tensor]] = {}
+        self._flags: list[torch.Tensor] = []
+        self._problems: list[str] = []
+
+    def check(self, flag: torch.Tensor, problem: str) -> None:
+        self._flags.append(flag)
+        self._problems.append(problem)
+
+    def raise_problems(self) -> None:
+        """One device sync per layer: raise the first failed check as an input error."""
+        flags = torch.stack(self._flags).cpu()
+        if not bool(flags.all()):
+            raise InputError(self._problems[int((~flags).nonzero()[0])])
+
+
+def _submit_part(results: LayerResults, options: CheatsheetOptions, parts: PartStore,
+                 part_writer: ThreadPoolExecutor, last_write: Future | None) -> Future:
+    """Check the layer, bring it to the CPU, add fused entries, and queue its part file."""
+    results.raise_problems()
+    results.modules = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in results.modules.items()}
+    if options.add_fused:
+        add_fused_entries(results.modules, sorted(results.layer.linears))
+    if last_write is not None:
+        last_write.result()  # at most one layer waits to be written
+    return part_writer.submit(parts.write, results.layer.index, results.modules)

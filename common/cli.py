@@ -1,13 +1,17 @@
-"""Argument helpers every script shares: device choice, --overwrite, --quiet, progress bars."""
+"""Argument helpers every script shares: device choice, --overwrite, --quiet, progress bars.
+
+Torch and tqdm are imported only when used, so a script can parse its arguments (and start
+reading its inputs) before paying for the heavy imports.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Iterable, Iterator, TypeVar
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from common.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -24,8 +28,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def pick_device(requested: str | None) -> torch.device:
+def pick_device(requested: str | None) -> "torch.device":
     """The device to compute on: the user's choice, else the first GPU, else the CPU."""
+    import torch
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -42,4 +47,5 @@ def pick_device(requested: str | None) -> torch.device:
 
 def progress(items: Iterable[T], quiet: bool, desc: str, total: int | None = None) -> Iterator[T]:
     """A tqdm bar over `items` (silent with --quiet)."""
+    from tqdm import tqdm
     return iter(tqdm(items, desc=desc, total=total, disable=quiet, dynamic_ncols=True, leave=False))

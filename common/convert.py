@@ -7,6 +7,7 @@ into pre-planned safetensors shards. Every output appears only when complete.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
@@ -54,15 +55,26 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
             names = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
             return {local: checkpoint.read_raw(name, pin) for local, name in names.items()}, read_extras(index)
 
+        def write_layer(outputs: dict[str, dict[str, torch.Tensor]]) -> None:
+            for key, tensors in outputs.items():
+                for name, tensor in tensors.items():
+                    writers[key].write(name, tensor)
+
         steps = range(len(layout.layers))
-        for index, (raw, extras) in progress(prefetched(steps, read_layer), desc="layers", total=len(steps)):
-            tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
-            results = transform(index, tensors, extras)
-            layer = layout.layers[index]
-            full = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
-            for key, produced in results.items():
-                for local, name in full.items():
-                    writers[key].write(name, produced[local].to(output_dtype(checkpoint.tensors[name].dtype)))
-            del tensors, results
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool:
+            for index, (raw, extras) in progress(prefetched(steps, read_layer), desc="layers", total=len(steps)):
+                tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
+                results = transform(index, tensors, extras)
+                layer = layout.layers[index]
+                full = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
+                outputs = {key: {name: produced[local].to(output_dtype(checkpoint.tensors[name].dtype)).cpu()
+                                 for local, name in full.items()} for key, produced in results.items()}
+                del tensors, results
+                if pending is not None:
+                    pending.result()  # one layer is written while the next is computed
+                pending = write_pool.submit(write_layer, outputs)
+            if pending is not None:
+                pending.result()
         for writer in writers.values():
             writer.finish()

@@ -14,21 +14,26 @@ class InputError(Exception):
     """A problem with the user's input; the message names the file or tensor and the problem."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Host MemoryError or torch's (CUDA) OutOfMemoryError, without importing torch."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Run a script's `main`; InputError and out-of-memory become a short message and exit 2."""
-    torch = sys.modules.get("torch")
-    out_of_memory = getattr(torch, "OutOfMemoryError", MemoryError) if torch else MemoryError
     try:
         code = main(argv)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except (MemoryError, out_of_memory) as error:
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
         first_line = str(error).strip().split("\n")[0][:200]
         print(f"error: out of memory ({first_line}); try a smaller --batch_size, "
               "--device cpu, or close other programs", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
     sys.exit(code or 0)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 S = TypeVar("S")
 R = TypeVar("R")
 
 
-def prefetched(steps: Sequence[S], load: Callable[[S], R], depth: int = 2) -> Iterator[tuple[S, R]]:
+def prefetched(steps: Iterable[S], load: Callable[[S], R], depth: int = 2) -> Iterator[tuple[S, R]]:
     """Yield (step, load(step)) in order, with up to `depth` loads running ahead."""
     with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="prefetch") as pool:
         pending: deque[tuple[S, Future]] = deque()

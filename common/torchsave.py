@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -119,3 +121,68 @@ def write_streamed(path: Path, layout: list[Any], load_item: Callable[[int], Any
 
 def _count(structure: Any) -> int:
     return sum(1 for _ in _leaves(structure))
+
+
+class _Abort(Exception):
+    """Handed to the writer thread when the producer fails."""
+
+
+class StreamedWriter:
+    """`write_streamed` in a background thread, fed item by item with `put`, in order.
+
+    Writing (and the zip's CRC) then overlaps the producer's work; at most `depth` items
+    wait in the queue, so memory stays bounded.
+    """
+
+    def __init__(self, path: Path, layout: list[Any], depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(path, layout), name="torch-save", daemon=True)
+        self.thread.start()
+
+    def _run(self, path: Path, layout: list[Any]) -> None:
+        try:
+            write_streamed(path, layout, self._next)
+        except BaseException as error:  # handed to the producer in put()/finish()
+            self.error = error
+
+    def _next(self, index: int) -> Any:
+        item = self.queue.get()
+        if item is _Abort:
+            raise _Abort
+        return item
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        while self.thread.is_alive():
+            try:
+                self.queue.put(_Abort, timeout=0.1)
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    pass
+            self.thread.join(timeout=0.1)
+
+    def __enter__(self) -> "StreamedWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.finish()
+        else:
+            self.abort()

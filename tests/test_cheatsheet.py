@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, build_cheatsheet
+from common.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, PartStore, build_cheatsheet
 from common.model_files import Checkpoint
 from common.residual import decode_cheatsheet
 from common.tiny_models import build_model
@@ -147,30 +147,34 @@ def assert_same_sheets(a: list, b: list) -> None:
                 assert torch.equal(la[module][key], lb[module][key]), (module, key)
 
 
-class StopAfter:
-    """A progress wrapper that interrupts the run after `layers` layers, like Ctrl-C would."""
+def interrupt_after_first_part(monkeypatch) -> None:
+    """Make the run stop like Ctrl-C right after layer 0's part file is written."""
+    original_write = PartStore.write
 
-    def __init__(self, layers: int):
-        self.layers = layers
-
-    def __call__(self, items, desc):
-        for count, item in enumerate(items):
-            if count == self.layers:
-                raise KeyboardInterrupt
-            yield item
+    def write(self, layer, results):
+        original_write(self, layer, results)
+        if layer == 0:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(PartStore, "write", write)
 
 
-def test_interrupted_run_resumes_from_its_parts(llama_pair, tmp_path):
+def plain(items, desc):
+    return iter(items)
+
+
+def test_interrupted_run_resumes_from_its_parts(llama_pair, tmp_path, monkeypatch):
     original, quantized = llama_pair
     expected = run_cheatsheet(original, quantized, tmp_path / "full")
     save = tmp_path / "resumed"
     save.mkdir()
     models = PairedModels(Checkpoint(original), Checkpoint(quantized))
-    with pytest.raises(KeyboardInterrupt):
-        build_cheatsheet(models, save, CheatsheetOptions(), torch.device("cpu"), StopAfter(1))
-    part = save / PARTS_DIR / "layer-00000.safetensors"
-    assert part.exists() and not (save / PARTS_DIR / "layer-00001.safetensors").exists()
-    assert not (save / "cheatsheet.pt").exists()
+    with monkeypatch.context() as patch:
+        interrupt_after_first_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            build_cheatsheet(models, save, CheatsheetOptions(), torch.device("cpu"), plain)
+    assert (save / PARTS_DIR / "layer-00000.safetensors").exists()
+    assert not (save / PARTS_DIR / "layer-00001.safetensors").exists()
+    assert not (save / "cheatsheet.pt").exists() and not list(save.glob(".cheatsheet.pt.tmp*"))
     seen = []
 
     def record(items, desc):
@@ -183,13 +187,15 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, tmp_path):
     assert not (save / PARTS_DIR).exists()
 
 
-def test_changed_options_do_not_reuse_parts(llama_pair, tmp_path):
+def test_changed_options_do_not_reuse_parts(llama_pair, tmp_path, monkeypatch):
     original, quantized = llama_pair
     save = tmp_path / "out"
     save.mkdir()
     models = PairedModels(Checkpoint(original), Checkpoint(quantized))
-    with pytest.raises(KeyboardInterrupt):
-        build_cheatsheet(models, save, CheatsheetOptions(grid_size=16), torch.device("cpu"), StopAfter(1))
+    with monkeypatch.context() as patch:
+        interrupt_after_first_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            build_cheatsheet(models, save, CheatsheetOptions(grid_size=16), torch.device("cpu"), plain)
     seen = []
 
     def record(items, desc):

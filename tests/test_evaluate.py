@@ -3,6 +3,7 @@ the trend over k_chunk, --check on corrupted artifacts, and bad inputs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def test_bucket_selection_never_beats_exact_top_k():
         assert captured_bucket.sum() > 0.8 * captured_exact.sum()
 
 
+# CI simulates on the CPU in float32; DECDEC_TEST_DEVICE=cuda runs the same checks on a GPU (float16)
+DEVICE = os.environ.get("DECDEC_TEST_DEVICE", "cpu")
+
+
 def run_evaluate(quantized, folder, *extra):
-    return run_script("evaluate.py", "--quantized_model", quantized, "--artifacts", folder, "--quiet", *extra)
+    return run_script("evaluate.py", "--quantized_model", quantized, "--artifacts", folder, "--quiet",
+                      "--device", DEVICE, *extra)
 
 
 def test_trend_over_k_chunk_and_outputs(artifacts, tmp_path):
