@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of BENCHMARKS.md, in one go (about 6 minutes on one H200, 64 GB of disk).
-# Usage: bash bench/run_gpu.sh [work dir] [log dir]
+# Usage: bash bench/run_gpu.sh [work dir] [log dir]   (SKIP_GPU_VS_CPU=1 / SKIP_70B=1 leave those parts out)
 set -uo pipefail
 W=${1:-/tmp/decdec-bench}
 LOG=${2:-$W}
@@ -31,10 +31,12 @@ $PY -X importtime -c "import cheatsheet" 2> "$LOG/cheatsheet-imports.txt"
 $PY -c "import sys, cheatsheet; print('transformers imported by cheatsheet.py:', 'transformers' in sys.modules, '| datasets:', 'datasets' in sys.modules)"
 
 info "GPU vs CPU bytes (2 layers of the TinyLlama shape)"
+[ -n "${SKIP_GPU_VS_CPU:-}" ] || {
 $PY bench/synthetic.py --shape tinyllama --layers 2 --out "$W/small"
 $PY conv_awq.py --model_path "$W/small" --w_bit 3 --q_group_size 128 --fakequant_output "$W/small-fq" --quiet
 $PY bench/gpu_vs_cpu.py "$W/small" "$W/small-fq"
 rm -rf "$W/small" "$W/small-fq"
+}
 
 info "thresholds.py"
 $M --label thresholds-8b -- $PY thresholds.py --model_path "$W/original" --save_path "$W/artifacts" \
@@ -50,9 +52,11 @@ $M --label io-floor-sqllm-inputs-outputs -- $PY bench/read_floor.py "$W/original
 rm -rf "$W/sqllm3" "$W/sqllm3-fq" "$W/original"
 
 info "70B-shaped layers: thresholds.py GPU memory"
+[ -n "${SKIP_70B:-}" ] || {
 $PY bench/synthetic.py --shape 70b --layers 4 --out "$W/70b"
 $M --label thresholds-70b-4layers -- $PY thresholds.py --model_path "$W/70b" --save_path "$W/artifacts70" \
     --dataset "$W/calibration.txt" --sampling concat --seq_len 512 --num_examples 100 2> "$LOG/thresholds-70b.err"
 grep "layers," "$LOG/thresholds-70b.err"
 rm -rf "$W/70b" "$W/artifacts70"
+}
 info "done"
