@@ -63,7 +63,9 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
         steps = range(len(layout.layers))
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool:
-            for index, (raw, extras) in progress(prefetched(steps, read_layer), desc="layers", total=len(steps)):
+            # one layer read ahead: enough to keep the disk busy, and host memory stays ~3 layers
+            for index, (raw, extras) in progress(prefetched(steps, read_layer, depth=1), desc="layers",
+                                                 total=len(steps)):
                 tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
                 results = transform(index, tensors, extras)
                 layer = layout.layers[index]
