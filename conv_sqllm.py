@@ -23,7 +23,6 @@ from common.errors import InputError, run_main
 from common.layers import find_layers
 from common.model_files import Checkpoint, resolve_model_dir
 from common.model_writer import parse_size
-from common.readahead import start_readahead
 from common.sqllm import dequantize, load_pickled_dict, lut_bit_widths
 
 
@@ -43,7 +42,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start_readahead([Path(args.original_model_path)])  # reading overlaps the checks and set-up below
     quantized = Path(args.quantized_path)
     widths = lut_bit_widths(quantized)
     if args.bits is None and len(widths) > 1:
@@ -78,21 +76,18 @@ def main(argv: list[str] | None = None) -> int:
             missing = sorted(set(linears) - set(table))
             if missing:
                 raise InputError(f"{quantized / source / f'l{index}.pt'}: module {missing[0]} is missing")
-        result = {}
-        for local, tensor in tensors.items():
-            module = local[: -len(".weight")]
-            if module in linears:
-                where = f"{quantized}/{{lut_{bits},weights}}/l{index}.pt: {module}"
-                weight = dequantize(luts[module].to(device), codes[module].to(device), shift, where,
-                                    tuple(tensor.shape))
-                result[local] = weight.half()
-            else:
-                result[local] = tensor
+        result = dict(tensors)  # norms and biases, as in the original
+        for module, name in linears.items():
+            where = f"{quantized}/{{lut_{bits},weights}}/l{index}.pt: {module}"
+            weight = dequantize(luts[module].to(device), codes[module].to(device), shift, where,
+                                tuple(checkpoint.tensors[name].shape))
+            result[f"{module}.weight"] = weight.half()
         return {"fakequant": result}
 
     convert_model(checkpoint, layout, {"fakequant": Path(args.output_path)}, transform, device,
                   parse_size(args.max_shard_size), args.overwrite,
-                  lambda items, desc, total: progress(items, args.quiet, desc, total), read_quantized)
+                  lambda items, desc, total: progress(items, args.quiet, desc, total), read_quantized,
+                  read_linears=False)  # the LUTs and codes replace every Linear weight
     if not args.quiet:
         print(f"{len(layout.layers)} layers, {bits}-bit, on {device} in {time.time() - PROCESS_STARTED:.1f} s -> "
               f"{args.output_path}", file=sys.stderr)

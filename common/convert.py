@@ -30,11 +30,13 @@ def output_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str, Path],
                   transform: LayerTransform, device: torch.device, max_shard_size: int, overwrite: bool,
-                  progress: Callable, read_extras: Callable[[int], Any] = lambda index: None) -> None:
+                  progress: Callable, read_extras: Callable[[int], Any] = lambda index: None,
+                  read_linears: bool = True) -> None:
     """Write every output directory; `transform` supplies each layer's new tensors.
 
     `read_extras(i)` loads whatever else layer i needs (e.g. LUTs and codes); it runs ahead in
-    the background with the layer's own tensors.
+    the background with the layer's own tensors. With `read_linears=False` the layer's Linear
+    weights are not read at all (the transform replaces them; their shapes are in the header).
     """
     plan = [(name, info.shape, output_dtype(info.dtype)) for name, info in checkpoint.tensors.items()]
     pin = device.type == "cuda"
@@ -52,7 +54,8 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
 
         def read_layer(index: int) -> tuple[dict[str, torch.Tensor], Any]:
             layer = layout.layers[index]
-            names = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
+            names = {**({f"{m}.weight": n for m, n in layer.linears.items()} if read_linears else {}),
+                     **layer.others}
             return {local: checkpoint.read_raw(name, pin) for local, name in names.items()}, read_extras(index)
 
         def write_layer(outputs: dict[str, dict[str, torch.Tensor]]) -> None:
