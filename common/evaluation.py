@@ -71,14 +71,12 @@ def _check_cheatsheet_layer(checkpoint: Checkpoint, layer, sheet, name: str) -> 
         out_features, in_features = checkpoint.tensors[layer.linears[module]].shape
         fields = sheet[module] if isinstance(sheet[module], dict) else {}
         packed, scales = fields.get("cheatsheet"), fields.get("reordered_scales")
-        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 or \
-                tuple(packed.shape) != (in_features, out_features // 8):
-            problems.append(f"{where} {module}: 'cheatsheet' should be int32 [{in_features}, {out_features // 8}], "
-                            f"is {_describe(packed)}")
-        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float16 or \
-                tuple(scales.shape) != (out_features,):
-            problems.append(f"{where} {module}: 'reordered_scales' should be float16 [{out_features}], "
-                            f"is {_describe(scales)}")
+        wrong = _wrong_tensor(packed, torch.int32, (in_features, out_features // 8))
+        if wrong:
+            problems.append(f"{where} {module}: 'cheatsheet' {wrong}")
+        wrong = _wrong_tensor(scales, torch.float16, (out_features,))
+        if wrong:
+            problems.append(f"{where} {module}: 'reordered_scales' {wrong}")
         elif not torch.isfinite(scales).all() or (scales < 0).any():
             problems.append(f"{where} {module}: scales hold NaN, Inf or negative values")
     return problems
@@ -92,9 +90,9 @@ def _check_thresholds_layer(checkpoint: Checkpoint, layer, thr, name: str) -> li
     for module in sorted(set(layer.linears) & set(thr)):
         in_features = checkpoint.tensors[layer.linears[module]].shape[1]
         values = thr[module]
-        if not isinstance(values, torch.Tensor) or values.dtype != torch.float32 or \
-                tuple(values.shape) != (in_features,):
-            problems.append(f"{where} {module}: should be float32 [{in_features}], is {_describe(values)}")
+        wrong = _wrong_tensor(values, torch.float32, (in_features,))
+        if wrong:
+            problems.append(f"{where} {module}: {wrong}")
         elif not torch.isfinite(values).all():
             problems.append(f"{where} {module}: holds NaN or Inf")
         elif (values[1:] > values[:-1]).any():
@@ -105,10 +103,13 @@ def _check_thresholds_layer(checkpoint: Checkpoint, layer, thr, name: str) -> li
     return problems
 
 
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).replace('torch.', '')} {list(value.shape)}"
-    return type(value).__name__
+def _wrong_tensor(value, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
+    """None if `value` is a tensor of this dtype and shape, else 'should be ..., is ...'."""
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and tuple(value.shape) == shape:
+        return None
+    found = (f"{str(value.dtype).replace('torch.', '')} {list(value.shape)}" if isinstance(value, torch.Tensor)
+             else type(value).__name__)
+    return f"should be {str(dtype).replace('torch.', '')} {list(shape)}, is {found}"
 
 
 @dataclass

@@ -87,7 +87,7 @@ class LayerwiseModel:
                              f"matching the checkpoint's {len(layout.layers)} layers")
         self.layers: nn.ModuleList = layers
         self._reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="layer-read")
-        self._prefetched: dict[int, dict[str, Future]] = {}
+        self._prefetched: dict[tuple[int, int], dict[str, Future]] = {}  # (layer, id(checkpoint))
         head = self.model.get_output_embeddings()
         self.head_names = {f"{name}." for name, module in self.model.named_modules() if module is head}
         self._load_outside_layers()
