@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{quantized}/{{lut_{bits},weights}}/l{index}.pt: {module}"
             weight = dequantize(luts[module].to(device), codes[module].to(device), shift, where,
                                 tuple(checkpoint.tensors[name].shape))
-            result[f"{module}.weight"] = weight.half()
+            result[f"{module}.weight"] = weight
         return {"fakequant": result}
 
     convert_model(checkpoint, layout, {"fakequant": Path(args.output_path)}, transform, device,

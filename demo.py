@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                    "--original_model", original, "--dataset", str(evaluation), "--seq_len", str(seq_len),
                    "--max_chunks", str(windows), "--k_chunks", *map(str, args.k_chunks),
                    "--output", str(out / "results.json"), "--plot", str(out / "perplexity.png"), *common])
-    report = json.loads((out / "results.json").read_text())
     kind = "a real model" if args.model else "a small model trained for a few seconds"
     print(f"\n(The table above is {kind}; DecDEC's effect grows with k_chunk. "
           f"Done in {time.time() - started:.0f} s.)")
@@ -131,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
           "      --dataset c4\n"
           "  python evaluate.py --quantized_model ./llama3-8b-w3-fq --artifacts ./llama3-8b-w3-decdec \\\n"
           "      --original_model meta-llama/Llama-3.1-8B --k_chunks 0 8 16 32")
-    del report
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cheatsheet_build import residual_outputs, CheatsheetOptions  # noqa: E402

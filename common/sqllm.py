@@ -72,7 +72,10 @@ def lut_bit_widths(folder: Path) -> list[int]:
 
 def dequantize(lut: torch.Tensor, codes: torch.Tensor, shift: int, where: str,
                shape: tuple[int, int]) -> torch.Tensor:
-    """W_fq[r, j] = LUT[r, code[r, j] >> shift] as float32, on the LUT's device."""
+    """W_fq[r, j] = fp16(LUT[r, code[r, j] >> shift]), on the LUT's device.
+
+    Gathering from the fp16-cast LUT gives the same values as casting the gathered weight,
+    without a float32 matrix in between."""
     lut = lut.reshape(lut.shape[0], lut.shape[-1]) if lut.ndim == 3 else lut
     codes = codes.reshape(codes.shape[0], codes.shape[-1]) if codes.ndim == 3 else codes
     if tuple(codes.shape) != tuple(shape):
@@ -86,4 +89,4 @@ def dequantize(lut: torch.Tensor, codes: torch.Tensor, shift: int, where: str,
     index = codes.long() >> shift
     if int(index.min()) < 0 or int(index.max()) >= lut.shape[1]:
         raise InputError(f"{where}: a code is out of range for a {lut.shape[1]}-entry LUT")
-    return torch.gather(lut.float(), 1, index)
+    return torch.gather(lut.half(), 1, index)
