@@ -137,7 +137,7 @@ def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust
             stats = SortedInputMaxima(layer, chunk_elements)
             outputs = []
             for item in inputs:
-                outputs += model.run_layer(layer, [item])
+                outputs += model.run_layer(index, layer, [item])
                 stats.end_batch()
             maxima = stats.close()
             expected = set(layout.layers[index].linears)

@@ -169,7 +169,7 @@ def simulate(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, wi
     states: dict[str, list[LayerInputs]] = {}
     fq_inputs = fq_model.capture_inputs(batches)
     for config in configs:
-        states[config.name] = [LayerInputs(i.hidden.clone(), i.args, i.kwargs) for i in fq_inputs]
+        states[config.name] = [i.with_hidden(i.hidden.clone()) for i in fq_inputs]
     if original_model is not None:
         states["original"] = original_model.capture_inputs(batches)
     layout = fq_model.layout
@@ -178,7 +178,7 @@ def simulate(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, wi
         if original_model is not None:
             layer = original_model.load_layer(index)
             original_model.prefetch(index + 1)
-            states["original"] = original_model.run_layer(layer, states["original"])
+            states["original"] = original_model.run_layer(index, layer, states["original"])
             original_model.unload_layer(index)
         layer = fq_model.load_layer(index)
         fq_model.prefetch(index + 1)
@@ -187,7 +187,7 @@ def simulate(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, wi
         for config in configs:
             for module in simulated.values():
                 module.k_chunk, module.selection = config.k_chunk, config.selection
-            states[config.name] = fq_model.run_layer(layer, states[config.name])
+            states[config.name] = fq_model.run_layer(index, layer, states[config.name])
         _unwrap_linears(layer, simulated)
         fq_model.unload_layer(index)
     return _score(fq_model, original_model, batches, states, configs)

@@ -2,9 +2,10 @@
 
 The model is built with its parameters on the `meta` device (buffers such as rotary
 frequencies are computed for real, since checkpoints do not hold them). The embedding runs
-on the device, a forward pre-hook on layer 0 captures whatever this `transformers` version
-passes to a decoder layer (hidden states, masks, position embeddings) and stops the forward;
-then each layer is loaded, run over every batch, and freed. The next layer's weights are
+on the device; forward pre-hooks on the decoder layers capture whatever this `transformers`
+version passes to each of them (hidden states, masks — which differ between sliding-window and
+full-attention layers — and position embeddings) while the layers themselves are skipped; then
+each layer is loaded, run over every batch, and freed. The next layer's weights are
 read from disk while the current one computes. Device memory: one layer + activations.
 """
 from __future__ import annotations
@@ -48,14 +49,16 @@ def assign_parameter(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 @dataclass
 class LayerInputs:
-    """What one batch feeds a decoder layer: hidden states plus the other arguments."""
+    """One batch: its hidden states, and the other arguments each decoder layer receives."""
     hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
+    per_layer: list[tuple[tuple, dict]]  # (positional args after the hidden states, kwargs) by layer
+
+    def with_hidden(self, hidden: torch.Tensor) -> "LayerInputs":
+        return LayerInputs(hidden, self.per_layer)
 
 
 class _CapturedLayerInputs(Exception):
-    """Raised by the layer-0 hook to stop the forward once the inputs are captured."""
+    """Raised by the last layer's hook to stop the forward once the inputs are captured."""
 
 
 class LayerwiseModel:
@@ -165,38 +168,56 @@ class LayerwiseModel:
 
     @torch.no_grad()
     def capture_inputs(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
-        """Run the embedding for each batch of token ids and capture layer 0's inputs."""
+        """Run the embedding for each batch of token ids and capture every layer's inputs.
+
+        The (weightless) layers are replaced by a pass-through while the model's own forward
+        computes what it hands each layer; the last layer's hook stops the forward.
+        """
         captured: list[LayerInputs] = []
+        calls: list[tuple[tuple, dict]] = []
+        last = len(self.layers) - 1
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
+        def hook(index: int):
+            def record(module: nn.Module, args: tuple, kwargs: dict):
                 kwargs = dict(kwargs)
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            captured.append(LayerInputs(hidden, rest, kwargs))
-            raise _CapturedLayerInputs
+                hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+                if index == 0:
+                    captured.append(LayerInputs(hidden, []))
+                calls.append((rest, kwargs))
+                if index == last:
+                    raise _CapturedLayerInputs
+            return record
 
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        def pass_through(hidden_states=None, *args, **kwargs):
+            return hidden_states if hidden_states is not None else kwargs["hidden_states"]
+
+        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        for layer in self.layers:
+            layer.forward = pass_through
         try:
             for batch in batches:
+                calls.clear()
                 try:
                     self.model(input_ids=batch.to(self.device), use_cache=False)
                 except _CapturedLayerInputs:
+                    captured[-1].per_layer = list(calls)
                     continue
-                raise RuntimeError("the first decoder layer was never called")
+                raise RuntimeError("the last decoder layer was never called")
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            for layer in self.layers:
+                del layer.forward
         return captured
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, inputs: list[LayerInputs]) -> list[LayerInputs]:
-        """Every batch through `layer`; returns the next layer's inputs (kwargs unchanged)."""
+    def run_layer(self, index: int, layer: nn.Module, inputs: list[LayerInputs]) -> list[LayerInputs]:
+        """Every batch through decoder layer `index`; returns the next layer's inputs."""
         outputs = []
         for item in inputs:
-            out = layer(item.hidden, *item.args, **item.kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            outputs.append(LayerInputs(hidden, item.args, item.kwargs))
+            args, kwargs = item.per_layer[index]
+            out = layer(item.hidden, *args, **kwargs)
+            outputs.append(item.with_hidden(out[0] if isinstance(out, (tuple, list)) else out))
         return outputs
 
     def close(self) -> None:
