@@ -17,6 +17,9 @@ FAMILIES = {
     "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2},
     "phi3": {"model_type": "phi3", "num_key_value_heads": 2},
     "mistral": {"model_type": "mistral", "num_key_value_heads": 2},
+    "qwen3": {"model_type": "qwen3", "num_key_value_heads": 2},
+    "gemma2": {"model_type": "gemma2", "num_key_value_heads": 2, "head_dim": 16},
+    "gemma3_text": {"model_type": "gemma3_text", "num_key_value_heads": 2, "head_dim": 16},
 }
 CORPUS_MODULES = ["argparse", "collections", "json", "pathlib", "re", "string", "textwrap", "random",
                   "statistics", "itertools", "functools", "inspect", "logging", "csv", "zipfile",

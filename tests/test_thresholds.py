@@ -82,6 +82,27 @@ def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, t
     assert attention_input[0] > 5 * attention_input[20]
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text"])
+def test_more_families_equal_direct_computation(family, tmp_path, tokenizer, corpus_file):
+    """Qwen3 (q/k norms), Gemma 2 and 3 (scaled embeddings, sliding-window layers, extra norms)."""
+    from transformers import AutoTokenizer
+    model_dir = tmp_path / family
+    build_model(family, model_dir, tokenizer)
+    result = run_script("thresholds.py", "--model_path", model_dir, "--save_path", tmp_path, "--dataset",
+                        corpus_file, "--seq_len", SEQ_LEN, "--num_examples", 6, "--dtype", "float32",
+                        "--quiet", "--device", DEVICE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    thresholds = torch.load(tmp_path / "thresholds.pt", weights_only=True)
+    samples = sample_reference(load_texts(str(corpus_file)), tokenize_with(AutoTokenizer.from_pretrained(model_dir)),
+                               SEQ_LEN, 6, 0)
+    expected = direct_thresholds(model_dir, samples)
+    assert len(thresholds) == len(expected) == 2
+    for got, want in zip(thresholds, expected):
+        assert set(got) == set(want)
+        for module, values in got.items():
+            assert torch.allclose(values, want[module], rtol=RTOL, atol=RTOL / 10), module
+
+
 def test_layers_with_their_own_attention_masks(tmp_path, tokenizer, corpus_file):
     """Qwen2 with a sliding-window layer after a full-attention one: each layer gets its own mask."""
     from transformers import AutoTokenizer
