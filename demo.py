@@ -65,6 +65,19 @@ def build_small_model(folder: Path, texts: list[str], train_steps: int, device: 
     return model_dir
 
 
+def largest_group(model: str, preferred: int = 128) -> int:
+    """The usual group size of 128 input channels, or the largest power of two below it that fits."""
+    from common.layers import find_layers
+    from common.model_files import Checkpoint, resolve_model_dir
+    checkpoint = Checkpoint(resolve_model_dir(model, "--model"), "--model")
+    widths = {checkpoint.tensors[name].shape[1] for layer in find_layers(checkpoint).layers
+              for name in layer.linears.values()}
+    group = preferred
+    while group > 1 and any(width % group for width in widths):
+        group //= 2
+    return group
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
@@ -97,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         step("1/5 build and train a small Llama-family model")
         original = str(build_small_model(out, training, args.train_steps, device, args.quiet))
 
-    step("2/5 fake-quantize to 3 bit (conv_awq.py, round-to-nearest)")
-    group = 128
+    group = largest_group(original)
+    step(f"2/5 fake-quantize to 3 bit, group {group} (conv_awq.py, round-to-nearest)")
     conv_awq.main(["--model_path", original, "--w_bit", "3", "--q_group_size", str(group),
                    "--fakequant_output", str(out / "fakequant-w3"), *common])
     step("3/5 cheatsheet.pt (cheatsheet.py)")
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--original_model", original, "--dataset", str(evaluation), "--seq_len", str(seq_len),
                    "--max_chunks", str(windows), "--k_chunks", *map(str, args.k_chunks),
                    "--output", str(out / "results.json"), "--plot", str(out / "perplexity.png"), *common])
-    kind = "a real model" if args.model else "a small model trained for a few seconds"
+    kind = f"your model {args.model}" if args.model else "a small model trained for a few seconds"
     print(f"\n(The table above is {kind}; DecDEC's effect grows with k_chunk. "
           f"Done in {time.time() - started:.0f} s.)")
     print(f"\nArtifacts:\n  {artifacts / 'cheatsheet.pt'}\n  {artifacts / 'thresholds.pt'}\n"

@@ -23,3 +23,15 @@ def test_demo_runs_offline_and_decdec_helps(tmp_path):
     assert largest["kl"] < report["fakequant"]["kl"]
     again = run_script("demo.py", "--quick", "--output", out, "--quiet")
     assert_input_error(again, "demo", "--overwrite")
+
+
+def test_demo_on_a_given_model_picks_a_group_size_that_fits(llama_pair, corpus, tmp_path):
+    original, _ = llama_pair  # hidden size 64: group 128 does not fit, 64 does
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(corpus))
+    result = run_script("demo.py", "--model", original, "--dataset", data, "--quick", "--output", tmp_path / "d",
+                        "--quiet", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "group 64" in result.stderr
+    report = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert report["decdec"][-1]["kl"] < report["fakequant"]["kl"]
