@@ -52,24 +52,33 @@ def direct_thresholds(model_dir: Path, samples: torch.Tensor) -> list[dict[str, 
     return [{m: v for (i, m), v in found.items() if i == layer} for layer in range(layers)]
 
 
-def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, tmp_path):
-    family, original, _ = model_pair
-    result = run_script("thresholds.py", "--model_path", original, "--save_path", tmp_path, "--dataset",
-                        corpus_file, "--seq_len", SEQ_LEN, "--num_examples", NUM, "--dtype", "float32",
-                        "--batch_size", 5, "--quiet", "--device", DEVICE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    thresholds = torch.load(tmp_path / "thresholds.pt", weights_only=True)
+def streamed_and_direct(model_dir: Path, save: Path, corpus_file: Path, num: int,
+                        *extra) -> tuple[list[dict], list[dict]]:
+    """thresholds.py's output (float32 run on DEVICE) and the direct whole-model computation on the
+    same samples; the two have the same layers and modules, each vector within RTOL."""
     from transformers import AutoTokenizer
-    texts = load_texts(str(corpus_file))
-    model_tokenizer = AutoTokenizer.from_pretrained(original)  # as saved: the model type picks the class
-    samples = sample_reference(texts, tokenize_with(model_tokenizer), SEQ_LEN, NUM, 0)
-    expected = direct_thresholds(original, samples)
+    result = run_script("thresholds.py", "--model_path", model_dir, "--save_path", save, "--dataset", corpus_file,
+                        "--seq_len", SEQ_LEN, "--num_examples", num, "--dtype", "float32", "--quiet",
+                        "--device", DEVICE, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    thresholds = torch.load(save / "thresholds.pt", weights_only=True)
+    model_tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as saved: the model type picks the class
+    samples = sample_reference(load_texts(str(corpus_file)), tokenize_with(model_tokenizer), SEQ_LEN, num, 0)
+    expected = direct_thresholds(model_dir, samples)
     assert isinstance(thresholds, list) and len(thresholds) == len(expected) == 2
     for got, want in zip(thresholds, expected):
         assert set(got) == set(want)
         for module, values in got.items():
-            assert values.dtype == torch.float32 and values.device.type == "cpu"
             assert torch.allclose(values, want[module], rtol=RTOL, atol=RTOL / 10), module
+    return thresholds, expected
+
+
+def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, tmp_path):
+    family, original, _ = model_pair
+    thresholds, _ = streamed_and_direct(original, tmp_path, corpus_file, NUM, "--batch_size", 5)
+    for got in thresholds:
+        for module, values in got.items():
+            assert values.dtype == torch.float32 and values.device.type == "cpu"
             assert (values[:-1] >= values[1:]).all(), module
         if family != "phi3":
             assert torch.equal(got["self_attn.q_proj"], got["self_attn.k_proj"])
@@ -85,42 +94,18 @@ def test_streamed_thresholds_equal_direct_computation(model_pair, corpus_file, t
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text"])
 def test_more_families_equal_direct_computation(family, tmp_path, tokenizer, corpus_file):
     """Qwen3 (q/k norms), Gemma 2 and 3 (scaled embeddings, sliding-window layers, extra norms)."""
-    from transformers import AutoTokenizer
     model_dir = tmp_path / family
     build_model(family, model_dir, tokenizer)
-    result = run_script("thresholds.py", "--model_path", model_dir, "--save_path", tmp_path, "--dataset",
-                        corpus_file, "--seq_len", SEQ_LEN, "--num_examples", 6, "--dtype", "float32",
-                        "--quiet", "--device", DEVICE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    thresholds = torch.load(tmp_path / "thresholds.pt", weights_only=True)
-    samples = sample_reference(load_texts(str(corpus_file)), tokenize_with(AutoTokenizer.from_pretrained(model_dir)),
-                               SEQ_LEN, 6, 0)
-    expected = direct_thresholds(model_dir, samples)
-    assert len(thresholds) == len(expected) == 2
-    for got, want in zip(thresholds, expected):
-        assert set(got) == set(want)
-        for module, values in got.items():
-            assert torch.allclose(values, want[module], rtol=RTOL, atol=RTOL / 10), module
+    streamed_and_direct(model_dir, tmp_path, corpus_file, 6)
 
 
 def test_layers_with_their_own_attention_masks(tmp_path, tokenizer, corpus_file):
     """Qwen2 with a sliding-window layer after a full-attention one: each layer gets its own mask."""
-    from transformers import AutoTokenizer
     model_dir = tmp_path / "sliding"
     build_model("qwen2", model_dir, tokenizer, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     assert json.loads((model_dir / "config.json").read_text())["layer_types"] == ["full_attention",
                                                                                    "sliding_attention"]
-    result = run_script("thresholds.py", "--model_path", model_dir, "--save_path", tmp_path, "--dataset",
-                        corpus_file, "--seq_len", SEQ_LEN, "--num_examples", 6, "--dtype", "float32",
-                        "--quiet", "--device", DEVICE)
-    assert result.returncode == 0, result.stderr[-3000:]
-    thresholds = torch.load(tmp_path / "thresholds.pt", weights_only=True)
-    samples = sample_reference(load_texts(str(corpus_file)), tokenize_with(AutoTokenizer.from_pretrained(model_dir)),
-                               SEQ_LEN, 6, 0)
-    expected = direct_thresholds(model_dir, samples)
-    for got, want in zip(thresholds, expected):
-        for module, values in got.items():
-            assert torch.allclose(values, want[module], rtol=RTOL, atol=RTOL / 10), module
+    streamed_and_direct(model_dir, tmp_path, corpus_file, 6)
 
 
 def test_default_bf16_run_is_close_to_float32(llama_pair, corpus_file, tmp_path):
