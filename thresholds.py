@@ -73,6 +73,8 @@ def model_context(config: dict) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The imports below are CPU time (seconds of it); reading the weights meanwhile is free.
+    start_readahead([Path(args.model_path)], skip=("lm_head",))
     import torch
     import transformers.modeling_utils  # noqa: F401  (the heavy part of the imports, done now)
     from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
@@ -80,9 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     from common.layerwise import load_tokenizer
     from common.model_files import Checkpoint, resolve_model_dir
     from common.outputs import atomic_file, refuse_existing
-    # Reading the weights now overlaps tokenizer, data and model set-up. (Not earlier: on a cold
-    # cache the imports read many small files, and competing with them costs more than it saves.)
-    start_readahead([Path(args.model_path)], skip=("lm_head",))
     started = time.time()
     for flag in ("seq_len", "num_examples", "batch_size"):
         if getattr(args, flag) < 1:
