@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress  # noqa: E402
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.readahead import start_readahead  # noqa: E402
 
@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     # Start reading the weights now: torch's import and the checks below then cost no I/O time.
     start_readahead([Path(args.original_model), Path(args.quantized_model)], layers_only=True)
     import torch
-    from common.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, PairedModels, build_cheatsheet
+    from common.cheatsheet_build import (OUTPUT_FILES, CheatsheetOptions, PairedModels,
+                                         build_cheatsheet, likely_swapped, output_bytes)
     from common.model_files import Checkpoint, resolve_model_dir
-    from common.outputs import output_dir, refuse_existing
+    from common.outputs import check_free_space, claimed_outputs, output_dir
     if args.grid_size < 1:
         raise InputError(f"--grid_size {args.grid_size}: must be at least 1")
     if args.num_workers is not None:
@@ -66,18 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     save_path = Path(args.save_path)
     if save_path.exists() and not save_path.is_dir():
         raise InputError(f"--save_path {save_path}: is a file, expected a directory")
-    refuse_existing([save_path / OUTPUT_FILES[kind] for kind in options.outputs()], args.overwrite)
-    original = Checkpoint(resolve_model_dir(args.original_model, "--original_model"), "--original_model")
-    quantized = Checkpoint(resolve_model_dir(args.quantized_model, "--quantized_model"), "--quantized_model")
-    models = PairedModels(original, quantized)
-    output_dir(save_path, "--save_path")
-    written = build_cheatsheet(models, save_path, options, device,
-                               lambda items, desc: progress(items, args.quiet, desc))
-    if not args.quiet:
-        layers = len(models.layout.layers)
-        print(f"{layers} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s:", file=sys.stderr)
-        for path in written.values():
-            print(f"  {path}", file=sys.stderr)
+    original_dir = resolve_model_dir(args.original_model, "--original_model")
+    quantized_dir = resolve_model_dir(args.quantized_model, "--quantized_model")
+    if original_dir.resolve() == quantized_dir.resolve():
+        raise InputError(f"--quantized_model {quantized_dir}: is the --original_model itself; the residual "
+                         "would be zero (give the fake-quantized model)")
+    outputs = [("--save_path", save_path / OUTPUT_FILES[kind]) for kind in options.outputs()]
+    inputs = [("--original_model", original_dir), ("--quantized_model", quantized_dir)]
+    with claimed_outputs(outputs, inputs, args.overwrite):
+        models = PairedModels(Checkpoint(original_dir, "--original_model"),
+                              Checkpoint(quantized_dir, "--quantized_model"))
+        final = output_bytes(models, options)
+        check_free_space([(save_path, 2 * final, "the cheatsheet files and their resume parts")])
+        if likely_swapped(models):
+            print(f"warning: --original_model {original_dir} looks quantized (few distinct values per row) and "
+                  f"--quantized_model {quantized_dir} does not: are the two swapped?", file=sys.stderr)
+        output_dir(save_path, "--save_path")
+        written = build_cheatsheet(models, save_path, options, device,
+                                   lambda items, desc: progress(items, args.quiet, desc))
+    layers = len(models.layout.layers)
+    report_written(list(written.values()), f"{layers} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s")
     return 0
 
 

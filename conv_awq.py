@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""AWQ (or plain round-to-nearest) -> the scaled FP16 model and its fake-quantized twin.
+"""AWQ without the fork: search, scaled, fake-quantized and LUT-GEMM models in one pass.
 
-With AWQ, DecDEC's "original model" is the *scaled* model (AWQ folds per-channel scales into
-the weights before quantizing): give --scaled_output to cheatsheet.py as --original_model.
-Without --awq_results this is plain RTN quantization.
+One read of the original model, a decoder layer at a time: --run_awq searches the AWQ scales
+and clips on calibration text (or --awq_results loads a search done earlier; neither means plain
+round-to-nearest), then each layer goes to every output asked for:
+  --scaled_output     the scaled FP16 model (with AWQ, DecDEC's "original model")
+  --fakequant_output  its fake-quantized FP16 twin (cheatsheet.py's --quantized_model)
+  --real_output       the LUT-GEMM checkpoint DecDEC's runtime loads (pytorch_model.bin)
+  --dump_awq          the search results, llm-awq's file format
 
-Example:
-    python conv_awq.py --model_path meta-llama/Llama-3.1-8B --awq_results awq-llama3-8b-w3-g128.pt \\
-        --w_bit 3 --q_group_size 128 --scaled_output ./llama3-8b-awq-scaled --fakequant_output ./llama3-8b-awq-fq
+Example, the whole AWQ path for DecDEC (then cheatsheet.py and thresholds.py into the same DIR):
+    python conv_awq.py --model_path meta-llama/Llama-3.1-8B --run_awq --calib_data ./pile-val.jsonl.zst \\
+        --w_bit 3 --q_group_size 128 --dump_awq awq-llama3-8b-w3.pt --real_output ./llama3-8b-awq-w3 \\
+        --scaled_output ./llama3-8b-awq-scaled --fakequant_output ./llama3-8b-awq-w3-fq
 """
 from __future__ import annotations
 
@@ -16,87 +21,226 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-import sys
-from pathlib import Path
+from pathlib import Path  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-from common.awq import LayerTransforms, apply_scales, clip_weight, load_results, pseudo_quantize, split_by_layer
-from common.cli import add_device_arg, add_output_args, pick_device, progress
-from common.convert import convert_model
-from common.errors import InputError, run_main
-from common.layers import find_layers
-from common.model_files import Checkpoint, resolve_model_dir
-from common.model_writer import parse_size
-from common.readahead import start_readahead
+from common.awq import (LayerTransforms, apply_scales, fake_quantize_linear, load_bit_widths,  # noqa: E402
+                        load_results, quantize_groups, split_by_layer)
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.convert import convert_model  # noqa: E402
+from common.errors import InputError, run_main  # noqa: E402
+from common.layers import check_seq_len, find_layers  # noqa: E402
+from common.model_files import Checkpoint, float16_check, resolve_model_dir  # noqa: E402
+from common.model_writer import parse_size  # noqa: E402
+from common.outputs import check_free_space, claimed_outputs  # noqa: E402
+from common.readahead import start_readahead  # noqa: E402
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OUTPUT_FLAGS = {"scaled": "--scaled_output", "fakequant": "--fakequant_output", "real": "--real_output"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="original model: directory or cached hub id")
-    parser.add_argument("--awq_results", default=None,
-                        help="llm-awq search results (--dump_awq file); omit for plain round-to-nearest")
-    parser.add_argument("--w_bit", type=int, default=3, choices=[2, 3, 4, 8], help="weight bits (default 3)")
-    parser.add_argument("--q_group_size", type=int, default=128,
-                        help="input channels per quantization group (default 128; -1: whole rows)")
-    parser.add_argument("--no_zero_point", action="store_true", help="symmetric quantization (no zero point)")
-    parser.add_argument("--scaled_output", default=None,
-                        help="write the scaled FP16 model here (cheatsheet.py's --original_model for AWQ)")
-    parser.add_argument("--fakequant_output", default=None, help="write the fake-quantized FP16 model here")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    source = parser.add_argument_group("AWQ scales and clips (neither: plain round-to-nearest)")
+    source.add_argument("--run_awq", action="store_true", help="search them on calibration text (llm-awq's search)")
+    source.add_argument("--awq_results", "--load_awq", dest="awq_results", default=None,
+                        help="load them from an earlier search (a --dump_awq file, ours or llm-awq's)")
+    search = parser.add_argument_group("the search (--run_awq)")
+    search.add_argument("--calib_data", default="pileval",
+                        help="pileval (the hub dataset mit-han-lab/pile-val-backup; needs 'datasets' and network "
+                             "or cache) or a local .txt/.jsonl[.gz|.zst]/.json/.parquet/.csv/.arrow file or "
+                             "save_to_disk folder (default pileval)")
+    search.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
+    search.add_argument("--n_samples", type=int, default=128, help="passages of at most 512 tokens (default 128)")
+    search.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block (default 512)")
+    search.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                        help="dtype the search runs the layers in (default float16, as llm-awq)")
+    search.add_argument("--batch_size", type=int, default=16,
+                        help="calibration blocks per forward pass (memory only; default 16)")
+    search.add_argument("--dump_awq", default=None, help="save the search results to this file")
+    search.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the model's own Python code from its directory/hub repo")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--w_bit", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
+                       help="weight bits (default 3)")
+    quant.add_argument("--bit_pt", default=None,
+                       help="per-layer bit widths: a torch.save'd {layer_index: bits} covering every layer "
+                            "(llm-awq's mixed-precision file); overrides --w_bit")
+    quant.add_argument("--q_group_size", type=int, default=128,
+                       help="input channels per quantization group (default 128; -1: whole rows)")
+    quant.add_argument("--no_zero_point", action="store_true", help="symmetric quantization (no zero point)")
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--scaled_output", default=None,
+                         help="the scaled FP16 model (cheatsheet.py's --original_model and thresholds.py's "
+                              "--model_path with AWQ)")
+    outputs.add_argument("--fakequant_output", default=None, help="the fake-quantized FP16 model")
+    outputs.add_argument("--real_output", default=None,
+                         help="the LUT-GEMM checkpoint folder DecDEC's runtime loads (pytorch_model.bin, config, "
+                              "tokenizer, bitwidth_map.json for mixed bits); put cheatsheet.pt and thresholds.pt "
+                              "there too")
+    outputs.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
     add_device_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if args.run_awq and args.awq_results:
+        raise InputError("--run_awq and --awq_results exclude each other: search, or load an earlier search")
+    if args.dump_awq and not args.run_awq:
+        raise InputError("--dump_awq saves a search: add --run_awq")
+    if not (args.scaled_output or args.fakequant_output or args.real_output or args.dump_awq):
+        raise InputError("nothing to write: give --scaled_output, --fakequant_output, --real_output "
+                         "or (with --run_awq) --dump_awq")
+    if args.q_group_size == 0 or args.q_group_size < -1:
+        raise InputError(f"--q_group_size {args.q_group_size}: must be positive, or -1 for whole rows")
+    if args.real_output and args.no_zero_point:
+        raise InputError("--real_output needs the zero point: the LUT-GEMM format has no symmetric variant "
+                         "(drop --no_zero_point)")
+    for flag in ("n_samples", "seqlen", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_readahead([Path(args.model_path)])  # reading overlaps the checks and set-up below
-    if not args.scaled_output and not args.fakequant_output:
-        raise InputError("give --scaled_output, --fakequant_output or both")
-    if args.q_group_size == 0 or args.q_group_size < -1:
-        raise InputError(f"--q_group_size {args.q_group_size}: must be positive, or -1 for whole rows")
+    check_args(args)
     device = pick_device(args.device)
-    checkpoint = Checkpoint(resolve_model_dir(args.model_path, "--model_path"), "--model_path")
+    model_dir = resolve_model_dir(args.model_path, "--model_path")
+    outputs = {key: Path(getattr(args, f"{key}_output")) for key in OUTPUT_FLAGS if getattr(args, f"{key}_output")}
+    claimed = [(OUTPUT_FLAGS[key], path) for key, path in outputs.items()]
+    if args.dump_awq:
+        claimed.append(("--dump_awq", Path(args.dump_awq)))
+    calib = Path(args.calib_data).expanduser() if args.run_awq else None
+    inputs = [("--model_path", model_dir), ("--awq_results", Path(args.awq_results) if args.awq_results else None),
+              ("--bit_pt", Path(args.bit_pt) if args.bit_pt else None),
+              ("--calib_data", calib if calib is not None and calib.exists() else None)]
+    with claimed_outputs(claimed, inputs, args.overwrite):
+        layers, times = convert(args, model_dir, outputs, device)
+    written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
+    report_written(written, f"{layers} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s ({times})")
+    return 0
+
+
+def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
+            device: torch.device) -> tuple[int, str]:
+    """Write every output; returns the number of decoder layers and where the time went."""
+    checkpoint = Checkpoint(model_dir, "--model_path")
     layout = find_layers(checkpoint)
-    if args.q_group_size > 0:
-        for layer in layout.layers:
-            for module, name in layer.linears.items():
-                if checkpoint.tensors[name].shape[1] % args.q_group_size:
-                    raise InputError(f"{checkpoint.dir}: tensor {name} has {checkpoint.tensors[name].shape[1]} "
-                                     f"input channels, not divisible by --q_group_size {args.q_group_size}")
+    check_linears(checkpoint, layout, args)
+    bits = load_bit_widths(Path(args.bit_pt), len(layout.layers)) if args.bit_pt else [args.w_bit] * len(layout.layers)
     if args.awq_results:
         path = Path(args.awq_results)
         transforms = split_by_layer(load_results(path), path, checkpoint, layout, args.q_group_size)
     else:
         transforms = [LayerTransforms() for _ in layout.layers]
-    outputs = {key: Path(path) for key, path in (("scaled", args.scaled_output),
-                                                  ("fakequant", args.fakequant_output)) if path}
+    if args.dump_awq:
+        check_free_space([(Path(args.dump_awq), results_bytes(checkpoint, layout), "--dump_awq")])
+    search = start_search(args, checkpoint, layout, model_dir, device) if args.run_awq else None
+    started, search_seconds = time.time(), 0.0
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
-        apply_scales(tensors, transforms[index])
-        scaled = {name: t.half() for name, t in tensors.items()}
-        for name, tensor in scaled.items():
-            if not torch.isfinite(tensor).all():
-                raise InputError(f"{checkpoint.dir}: layer {index} {name} is not finite in float16 after scaling")
-        results = {"scaled": scaled}
-        if "fakequant" in outputs:
-            fake = dict(scaled)
-            for module in layout.layers[index].linears:
-                weight = scaled[f"{module}.weight"].float()
-                if module in transforms[index].clips:
-                    weight = clip_weight(weight, transforms[index].clips[module])
-                fake[f"{module}.weight"] = pseudo_quantize(weight, args.w_bit, args.q_group_size,
-                                                           not args.no_zero_point).half()
-            results["fakequant"] = fake
-        return {key: results[key] for key in outputs}
+        nonlocal search_seconds
+        for name, tensor in tensors.items():  # weights are used as float16 values (SPEC §2)
+            fits, problem = float16_check(tensor, tensor.half(), f"{checkpoint.dir}: layer {index} {name}")
+            if not fits:
+                raise InputError(problem())
+            tensors[name] = tensor.half().float()
+        if search is not None:
+            begin = time.time()
+            transforms[index] = search.layer(index, tensors, bits[index], args.q_group_size, not args.no_zero_point)
+            search_seconds += time.time() - begin
+        return layer_outputs(index, tensors, transforms[index], sorted(layout.layers[index].linears), bits[index],
+                             args, set(outputs), str(checkpoint.dir))
 
-    convert_model(checkpoint, layout, outputs, transform, device, parse_size(args.max_shard_size),
-                  args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total))
-    if not args.quiet:
-        print(f"{len(layout.layers)} layers on {device} in {time.time() - PROCESS_STARTED:.1f} s -> "
-              + ", ".join(str(p) for p in outputs.values()), file=sys.stderr)
-    return 0
+    writer_for = {}
+    if "real" in outputs:
+        from common.lutgemm import CheckpointWriter
+        writer_for["real"] = lambda folder: CheckpointWriter(folder, checkpoint, layout, bits, args.q_group_size)
+    try:
+        convert_model(checkpoint, layout, outputs, transform, device, parse_size(args.max_shard_size),
+                      args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
+                      writer_for=writer_for)
+    finally:
+        if search is not None:
+            search.close()
+    if args.dump_awq:
+        from common.awq_search import results_entries
+        from common.torchsave import save_atomically
+        save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
+    total = time.time() - started
+    times = (f"search {search_seconds:.1f} s, reading/writing/quantizing {total - search_seconds:.1f} s"
+             if search is not None else f"reading/writing/quantizing {total:.1f} s")
+    return len(layout.layers), times
+
+
+def check_linears(checkpoint: Checkpoint, layout, args: argparse.Namespace) -> None:
+    """Every Linear must split into whole groups (and, for --real_output, whole int32 words)."""
+    from common.lutgemm import check_shape
+    for layer in layout.layers:
+        for name in layer.linears.values():
+            shape = checkpoint.tensors[name].shape
+            if args.q_group_size > 0 and shape[1] % args.q_group_size:
+                raise InputError(f"{checkpoint.dir}: tensor {name} has {shape[1]} input channels, not divisible "
+                                 f"by --q_group_size {args.q_group_size}")
+            if args.real_output:
+                try:
+                    check_shape(name, shape, args.q_group_size)
+                except InputError as error:
+                    raise InputError(f"{checkpoint.dir}: {error}") from None
+
+
+def results_bytes(checkpoint: Checkpoint, layout) -> int:
+    """A bound on the results file: a float32 scale per input channel and clip per row of each Linear."""
+    return 4 * sum(sum(checkpoint.tensors[n].shape) for layer in layout.layers for n in layer.linears.values())
+
+
+def start_search(args: argparse.Namespace, checkpoint: Checkpoint, layout, model_dir: Path, device: torch.device):
+    """Calibration blocks (SPEC §7.1) and the layer-by-layer search over them."""
+    from common.awq_search import LayerwiseSearch
+    from common.calibration import load_texts, sample_awq_blocks
+    from common.layerwise import load_tokenizer
+    check_seq_len(checkpoint, args.seqlen, "--seqlen")
+    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
+    texts = load_texts(args.calib_data, args.text_column, flag="--calib_data", keep_empty=True)
+    blocks = sample_awq_blocks(texts, tokenizer.encode, args.n_samples, args.seqlen)
+    return LayerwiseSearch(checkpoint, layout, blocks, device, DTYPES[args.dtype], args.batch_size,
+                           args.trust_remote_code)
+
+
+def layer_outputs(index: int, tensors: dict[str, torch.Tensor], transforms: LayerTransforms, linears: list[str],
+                  bits: int, args: argparse.Namespace, wanted: set[str], where: str) -> dict[str, dict]:
+    """One layer of each output from its float16-valued weights and its AWQ entries."""
+    apply_scales(tensors, transforms)
+    scaled = {name: t.half() for name, t in tensors.items()}
+    if transforms.scales:
+        for name, tensor in scaled.items():
+            fits, problem = float16_check(tensors[name], tensor,
+                                          f"{where}: layer {index} {name} after scaling by the AWQ results")
+            if not fits:
+                raise InputError(problem())
+    results: dict[str, dict] = {"scaled": scaled}
+    if "fakequant" in wanted:
+        results["fakequant"] = dict(scaled)
+        for module in linears:
+            results["fakequant"][f"{module}.weight"] = fake_quantize_linear(
+                scaled[f"{module}.weight"], transforms.clips.get(module), bits, args.q_group_size,
+                not args.no_zero_point)
+    if "real" in wanted:
+        from common.awq import clip_weight
+        from common.lutgemm import pack
+        results["real"] = {name: t for name, t in scaled.items()
+                           if name.removesuffix(".weight") not in linears}
+        for module in linears:
+            weight = scaled[f"{module}.weight"]
+            if module in transforms.clips:
+                weight = clip_weight(weight, transforms.clips[module])
+            packed = pack(*quantize_groups(weight, bits, args.q_group_size), bits)
+            results["real"].update({f"{module}.{key}": tensor for key, tensor in packed.items()})
+    return {key: results[key] for key in wanted}
 
 
 if __name__ == "__main__":

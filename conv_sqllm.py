@@ -12,17 +12,17 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-import sys
 from pathlib import Path
 
 import torch
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written
 from common.convert import convert_model
 from common.errors import InputError, run_main
 from common.layers import find_layers
 from common.model_files import Checkpoint, resolve_model_dir
 from common.model_writer import parse_size
+from common.outputs import claimed_outputs
 from common.sqllm import dequantize, load_pickled_dict, lut_bit_widths
 
 
@@ -52,8 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--bits {bits}: {quantized} has no lut_{bits} folder (it has {widths})")
     shift = max(widths) - bits  # codes are stored for the largest bit width
     device = pick_device(args.device)
-    checkpoint = Checkpoint(resolve_model_dir(args.original_model_path, "--original_model_path"),
-                            "--original_model_path")
+    model_dir = resolve_model_dir(args.original_model_path, "--original_model_path")
+    output = Path(args.output_path)
+    with claimed_outputs([("--output_path", output)], [("--original_model_path", model_dir),
+                                                       ("--quantized_path", quantized)], args.overwrite):
+        layers = convert(args, model_dir, quantized, bits, shift, output, device)
+    report_written([output], f"{layers} layers, {bits}-bit, on {device} in {time.time() - PROCESS_STARTED:.1f} s")
+    return 0
+
+
+def convert(args: argparse.Namespace, model_dir: Path, quantized: Path, bits: int, shift: int, output: Path,
+            device: torch.device) -> int:
+    """Write the fake-quantized model; returns the number of decoder layers."""
+    checkpoint = Checkpoint(model_dir, "--original_model_path")
     layout = find_layers(checkpoint)
     for index in range(len(layout.layers)):
         for folder in (f"lut_{bits}", "weights"):
@@ -84,14 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{module}.weight"] = weight
         return {"fakequant": result}
 
-    convert_model(checkpoint, layout, {"fakequant": Path(args.output_path)}, transform, device,
+    convert_model(checkpoint, layout, {"fakequant": output}, transform, device,
                   parse_size(args.max_shard_size), args.overwrite,
                   lambda items, desc, total: progress(items, args.quiet, desc, total), read_quantized,
                   read_linears=False)  # the LUTs and codes replace every Linear weight
-    if not args.quiet:
-        print(f"{len(layout.layers)} layers, {bits}-bit, on {device} in {time.time() - PROCESS_STARTED:.1f} s -> "
-              f"{args.output_path}", file=sys.stderr)
-    return 0
+    return len(layout.layers)
 
 
 if __name__ == "__main__":

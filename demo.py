@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +24,16 @@ import evaluate
 import thresholds
 from common.cli import pick_device, progress
 from common.errors import InputError, run_main
-from common.outputs import refuse_existing
+from common.model_files import resolve_model_dir
+from common.outputs import atomic_dir, claimed_outputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="decdec-demo", help="folder for everything (default ./decdec-demo)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output folder written by an earlier demo (files of yours "
+                             "in it are kept)")
     parser.add_argument("--model", default=None,
                         help="use this model (directory or cached hub id) instead of building the small one")
     parser.add_argument("--dataset", default=None,
@@ -44,11 +47,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-START = time.time()
+class Steps:
+    """Numbered step headings, each closing with its own duration."""
 
+    def __init__(self, total: int):
+        self.total, self.number, self.started, self.title = total, 0, 0.0, ""
 
-def step(title: str) -> None:
-    print(f"\n== {title} [{time.time() - START:.0f} s]", file=sys.stderr)
+    def start(self, title: str) -> None:
+        self.finish()
+        self.number += 1
+        self.title, self.started = title, time.time()
+        print(f"\n== {self.number}/{self.total} {title}", file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.title:
+            print(f"   ({self.title}: {time.time() - self.started:.1f} s)", file=sys.stderr)
+            self.title = ""
 
 
 def build_small_model(folder: Path, texts: list[str], train_steps: int, device: torch.device, quiet: bool) -> Path:
@@ -81,56 +95,24 @@ def largest_group(model: str, preferred: int = 128) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    out = Path(args.output)
+    out = Path(os.path.abspath(Path(args.output).expanduser()))
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out}: is a file")
-    refuse_existing([out], args.overwrite)
+    model_dir = resolve_model_dir(args.model, "--model") if args.model else None
+    dataset = Path(args.dataset).expanduser() if args.dataset else None
     device = pick_device(args.device)
     if args.quiet:
         from transformers.utils import logging as transformers_logging
         transformers_logging.disable_progress_bar()
     if args.quick:
         args.train_steps = min(args.train_steps, 60)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    common = ["--device", str(device)] + (["--quiet"] if args.quiet else [])
-    artifacts = out / "artifacts"
-
-    if args.model:
-        original, data = args.model, args.dataset or "wikitext2"
-        calibration = evaluation = data
-    else:
-        from common.tiny_models import local_corpus
-        texts = local_corpus()
-        held_out = texts[::10]
-        training = [t for i, t in enumerate(texts) if i % 10]
-        calibration, evaluation = out / "calibration.txt", out / "evaluation.txt"
-        calibration.write_text("\n\n".join(training))
-        evaluation.write_text("\n\n".join(held_out))
-        step("1/5 build and train a small Llama-family model")
-        original = str(build_small_model(out, training, args.train_steps, device, args.quiet))
-
-    group = largest_group(original)
-    step(f"2/5 fake-quantize to 3 bit, group {group} (conv_awq.py, round-to-nearest)")
-    conv_awq.main(["--model_path", original, "--w_bit", "3", "--q_group_size", str(group),
-                   "--fakequant_output", str(out / "fakequant-w3"), *common])
-    step("3/5 cheatsheet.pt (cheatsheet.py)")
-    cheatsheet.main(["--original_model", original, "--quantized_model", str(out / "fakequant-w3"),
-                     "--save_path", str(artifacts), *common])
-    step("4/5 thresholds.pt (thresholds.py)")
-    seq_len, samples = (128, 16) if args.quick else (256, 64)
-    thresholds.main(["--model_path", original, "--save_path", str(artifacts), "--dataset", str(calibration),
-                     "--sampling", "concat", "--seq_len", str(seq_len), "--num_examples", str(samples), *common])
-    step("5/5 simulate DecDEC (evaluate.py)")
-    windows = 8 if args.quick else 40
-    evaluate.main(["--quantized_model", str(out / "fakequant-w3"), "--artifacts", str(artifacts),
-                   "--original_model", original, "--dataset", str(evaluation), "--seq_len", str(seq_len),
-                   "--max_chunks", str(windows), "--k_chunks", *map(str, args.k_chunks),
-                   "--output", str(out / "results.json"), "--plot", str(out / "perplexity.png"), *common])
+    inputs = [("--model", model_dir), ("--dataset", dataset if dataset and dataset.exists() else None)]
+    with claimed_outputs([("--output", out)], inputs, args.overwrite), atomic_dir(out, args.overwrite) as work:
+        run_pipeline(args, work, model_dir, device)  # built under a temporary name, renamed when complete
     kind = f"your model {args.model}" if args.model else "a small model trained for a few seconds"
     print(f"\n(The table above is {kind}; DecDEC's effect grows with k_chunk. "
           f"Done in {time.time() - started:.0f} s.)")
-    print(f"\nArtifacts:\n  {artifacts / 'cheatsheet.pt'}\n  {artifacts / 'thresholds.pt'}\n"
+    print(f"\nArtifacts:\n  {out / 'artifacts' / 'cheatsheet.pt'}\n  {out / 'artifacts' / 'thresholds.pt'}\n"
           f"  fake-quantized model: {out / 'fakequant-w3'}\n  report: {out / 'results.json'}, "
           f"{out / 'perplexity.png'}")
     print("\nNext, with a real model (GPU recommended; see README.md):\n"
@@ -143,6 +125,45 @@ def main(argv: list[str] | None = None) -> int:
           "  python evaluate.py --quantized_model ./llama3-8b-w3-fq --artifacts ./llama3-8b-w3-decdec \\\n"
           "      --original_model meta-llama/Llama-3.1-8B --k_chunks 0 8 16 32")
     return 0
+
+
+def run_pipeline(args: argparse.Namespace, out: Path, model_dir: Path | None, device: torch.device) -> None:
+    """Every step, writing into `out` (the temporary folder that becomes --output)."""
+    common = ["--device", str(device)] + (["--quiet"] if args.quiet else [])
+    artifacts = out / "artifacts"
+    steps = Steps(4 if model_dir else 5)
+    if model_dir:
+        original, data = str(model_dir), args.dataset or "wikitext2"
+        calibration = evaluation = data
+    else:
+        from common.tiny_models import local_corpus
+        texts = local_corpus()
+        held_out = texts[::10]
+        training = [t for i, t in enumerate(texts) if i % 10]
+        calibration, evaluation = out / "calibration.txt", out / "evaluation.txt"
+        calibration.write_text("\n\n".join(training))
+        evaluation.write_text("\n\n".join(held_out))
+        steps.start("build and train a small Llama-family model")
+        original = str(build_small_model(out, training, args.train_steps, device, args.quiet))
+
+    group = largest_group(original)
+    steps.start(f"fake-quantize to 3 bit, group {group} (conv_awq.py, round-to-nearest)")
+    conv_awq.main(["--model_path", original, "--w_bit", "3", "--q_group_size", str(group),
+                   "--fakequant_output", str(out / "fakequant-w3"), *common])
+    steps.start("cheatsheet.pt (cheatsheet.py)")
+    cheatsheet.main(["--original_model", original, "--quantized_model", str(out / "fakequant-w3"),
+                     "--save_path", str(artifacts), *common])
+    steps.start("thresholds.pt (thresholds.py)")
+    seq_len, samples = (128, 16) if args.quick else (256, 64)
+    thresholds.main(["--model_path", original, "--save_path", str(artifacts), "--dataset", str(calibration),
+                     "--sampling", "concat", "--seq_len", str(seq_len), "--num_examples", str(samples), *common])
+    steps.start("simulate DecDEC (evaluate.py)")
+    windows = 8 if args.quick else 40
+    evaluate.main(["--quantized_model", str(out / "fakequant-w3"), "--artifacts", str(artifacts),
+                   "--original_model", original, "--dataset", str(evaluation), "--seq_len", str(seq_len),
+                   "--max_chunks", str(windows), "--k_chunks", *map(str, args.k_chunks),
+                   "--output", str(out / "results.json"), "--plot", str(out / "perplexity.png"), *common])
+    steps.finish()
 
 
 if __name__ == "__main__":

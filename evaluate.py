@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 from common.calibration import NAMED_DATASETS, load_texts
-from common.cli import add_device_arg, pick_device, progress
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written
 from common.decdec_sim import CHUNK, MAX_RUNTIME_K_CHUNK, SELECTIONS
 from common.errors import InputError, run_main
 from common.evaluation import (Config, check_artifacts, evaluation_windows, load_artifact, residual_errors,
                                simulate)
-from common.layers import check_same_layers, find_layers
+from common.layers import check_same_layers, check_seq_len, find_layers
 from common.layerwise import LayerwiseModel, load_tokenizer
 from common.model_files import Checkpoint, resolve_model_dir
-from common.outputs import atomic_file
+from common.outputs import atomic_file, claimed_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -58,11 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="compute dtype (default float16 on a GPU, float32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --selection random")
-    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--output", default=None,
+                        help="write the results as JSON here (with --check: the check's findings)")
     parser.add_argument("--plot", default=None, help="write a PNG plot of perplexity vs k_chunk here")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model's own Python code")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_arg(parser)
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 
@@ -75,23 +76,45 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--seq_len must be at least 2 and --batch_size at least 1")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
 
     fq_dir = resolve_model_dir(args.quantized_model, "--quantized_model")
-    fq = Checkpoint(fq_dir, "--quantized_model")
-    layout = find_layers(fq)
+    original_dir = resolve_model_dir(args.original_model, "--original_model") if args.original_model else None
     artifacts = Path(args.artifacts)
     if not artifacts.is_dir():
         raise InputError(f"--artifacts {artifacts}: no such directory")
+    if args.plot and args.check:
+        raise InputError("--plot: nothing to plot with --check (it simulates nothing)")
+    dataset = Path(args.dataset).expanduser()
+    inputs = [("--quantized_model", fq_dir), ("--original_model", original_dir),
+              ("--artifacts", artifacts / "cheatsheet.pt"), ("--artifacts", artifacts / "thresholds.pt"),
+              ("--dataset", dataset if dataset.exists() else None)]
+    outputs = [(flag, Path(path)) for flag, path in (("--output", args.output), ("--plot", args.plot)) if path]
+    with claimed_outputs(outputs, inputs, args.overwrite):
+        evaluate(args, fq_dir, original_dir, artifacts, device, dtype)
+    if outputs:
+        report_written([path for _, path in outputs], "evaluation done")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, fq_dir: Path, original_dir: Path | None, artifacts: Path,
+             device: torch.device, dtype: torch.dtype) -> None:
+    """Check the artifacts, then (unless --check) simulate; writes --output / --plot if given."""
+    bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
+    fq = Checkpoint(fq_dir, "--quantized_model")
+    layout = find_layers(fq)
     cheatsheet = load_artifact(artifacts / "cheatsheet.pt")
     thresholds = load_artifact(artifacts / "thresholds.pt")
     problems = check_artifacts(fq, layout, cheatsheet, thresholds)
     if problems:
         raise InputError(f"{len(problems)} problem(s) with {artifacts} for {fq_dir}:\n" + "\n".join(problems))
+    if not args.check:
+        check_seq_len(fq, args.seq_len)
     print(f"check: {artifacts} matches {fq_dir} ({len(layout.layers)} layers)", file=sys.stderr)
+    check: dict = {"artifacts": str(artifacts), "quantized_model": str(fq_dir), "layers": len(layout.layers),
+                   "problems": []}
     original = None
-    if args.original_model:
-        original = Checkpoint(resolve_model_dir(args.original_model, "--original_model"), "--original_model")
+    if original_dir is not None:
+        original = Checkpoint(original_dir, "--original_model")
         original_layout = find_layers(original)
         check_same_layers(original, original_layout, fq, layout)
         errors = residual_errors(original, fq, original_layout, layout, cheatsheet, device, bar)
@@ -103,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         if worst[0].relative > 0.5:
             raise InputError(f"{artifacts / 'cheatsheet.pt'}: layer {worst[0].layer} {worst[0].module} decodes to "
                              f"a residual {worst[0].relative:.0%} off; was it built from these two models?")
+        check["original_model"] = str(original_dir)
+        check["residual_relative_error"] = {"mean": mean, "max": worst[0].relative,
+                                            "worst": [{"layer": e.layer, "module": e.module,
+                                                       "relative": e.relative} for e in worst]}
     if args.check:
-        return 0
+        if args.output:
+            write_json(check, Path(args.output))
+        return
 
     tokenizer = load_tokenizer(fq_dir, args.trust_remote_code)
     split = "test" if args.dataset == "wikitext2" else None
@@ -126,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(scores, configs, args, windows)
     print_table(report)
     if args.output:
-        with atomic_file(Path(args.output)) as temp:
-            temp.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, Path(args.output))
     if args.plot:
         plot(report, Path(args.plot))
-    return 0
+
+
+def write_json(data: dict, path: Path) -> None:
+    with atomic_file(path) as temp:
+        temp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def build_report(scores: dict, configs: list[Config], args: argparse.Namespace, windows: torch.Tensor) -> dict:
@@ -146,7 +178,8 @@ def build_report(scores: dict, configs: list[Config], args: argparse.Namespace, 
         entry = {"k_chunk": k, "selection": args.selection, **score}
         if "original" in scores:
             gap = scores["fakequant"]["ppl"] - scores["original"]["ppl"]
-            entry["gap_closed"] = (scores["fakequant"]["ppl"] - score["ppl"]) / gap if gap else None
+            # no gap to close when the fake-quantized model is not worse than the original
+            entry["gap_closed"] = (scores["fakequant"]["ppl"] - score["ppl"]) / gap if gap > 0 else None
         report["decdec"].append(entry)
     return report
 
@@ -166,7 +199,7 @@ def print_table(report: dict) -> None:
         line += f"{entry['ppl']:>12.3f}"
         if has_kl:
             gap = entry["gap_closed"]
-            line += f"{entry['kl']:>12.4f}" + (f"{gap:>11.0%}" if gap is not None else f"{'-':>12}")
+            line += f"{entry['kl']:>12.4f}" + (f"{gap:>11.0%}" if gap is not None else f"{'n/a':>12}")
         print(line)
     if any(e["k_chunk"] > MAX_RUNTIME_K_CHUNK for e in report["decdec"]):
         print(f"* above {MAX_RUNTIME_K_CHUNK}: DecDEC's kernel rejects it; a simulator-only what-if")

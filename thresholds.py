@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress  # noqa: E402
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.readahead import start_readahead  # noqa: E402
 
@@ -64,38 +64,42 @@ def output_path(save_path: str) -> Path:
     return path / "thresholds.pt"
 
 
-def model_context(config: dict) -> int | None:
-    for source in (config, config.get("text_config") or {}):
-        if isinstance(source.get("max_position_embeddings"), int):
-            return source["max_position_embeddings"]
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The imports below are CPU time (seconds of it); reading the weights meanwhile is free.
     start_readahead([Path(args.model_path)], skip=("lm_head",))
-    import torch
+    import torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401  (the heavy part of the imports, done now)
-    from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
-    from common.layers import find_layers
-    from common.layerwise import load_tokenizer
-    from common.model_files import Checkpoint, resolve_model_dir
-    from common.outputs import atomic_file, refuse_existing
+    from common.model_files import resolve_model_dir
+    from common.outputs import claimed_outputs
     started = time.time()
     for flag in ("seq_len", "num_examples", "batch_size"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     device = pick_device("cpu" if args.cpu_only else args.device)
     target = output_path(args.save_path)
-    refuse_existing([target], args.overwrite)
     model_dir = resolve_model_dir(args.model_path, "--model_path")
+    dataset = Path(args.dataset).expanduser()
+    with claimed_outputs([("--save_path", target)], [("--model_path", model_dir),
+                                                     ("--dataset", dataset if dataset.exists() else None)],
+                         args.overwrite):
+        return calibrate_and_save(args, model_dir, target, device, started)
+
+
+def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, device, started: float) -> int:
+    """Everything after the checks of the arguments, while this run holds the output."""
+    import torch
+    from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
+    from common.layers import check_seq_len, find_layers
+    from common.layerwise import load_tokenizer
+    from common.model_files import Checkpoint
+    from common.outputs import check_free_space
+    from common.torchsave import save_atomically
     checkpoint = Checkpoint(model_dir, "--model_path")
     layout = find_layers(checkpoint)
-    context = model_context(checkpoint.config)
-    if context is not None and args.seq_len > context:
-        raise InputError(f"--seq_len {args.seq_len}: longer than the model's context ({context} tokens, "
-                         f"{model_dir / 'config.json'})")
+    check_seq_len(checkpoint, args.seq_len)
+    in_features = sum(checkpoint.tensors[name].shape[1] for layer in layout.layers for name in layer.linears.values())
+    check_free_space([(target, 4 * in_features + (1 << 20), "thresholds.pt")])
     tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     texts = load_texts(args.dataset, args.text_column)
     sampler = sample_reference if args.sampling == "reference" else sample_concat
@@ -108,15 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         from common.activation_stats import clamp_to_fp16
         for line in clamp_to_fp16(thresholds):
             print(line, file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as temp:
-        torch.save(thresholds, temp)
-    if not args.quiet:
-        print(f"{len(thresholds)} layers, {samples.shape[0]} x {samples.shape[1]} tokens on {device} -> {target}: "
-              f"{time.time() - PROCESS_STARTED:.1f} s in all (imports {started - PROCESS_STARTED:.1f} s, "
-              f"data {loaded - started:.1f} s, layer-by-layer calibration {time.time() - loaded:.1f} s)"
-              + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
-                 if device.type == "cuda" else ""), file=sys.stderr)
+    save_atomically(thresholds, target)
+    report_written([target], f"{len(thresholds)} layers, {samples.shape[0]} x {samples.shape[1]} tokens on {device}: "
+                   f"{time.time() - PROCESS_STARTED:.1f} s in all (imports {started - PROCESS_STARTED:.1f} s, "
+                   f"data {loaded - started:.1f} s, layer-by-layer calibration {time.time() - loaded:.1f} s)"
+                   + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+                      if device.type == "cuda" else ""))
     return 0
 
 

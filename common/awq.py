@@ -1,8 +1,11 @@
-"""AWQ's three weight transforms (llm-awq's apply_scale, apply_clip, pseudo_quantize_tensor).
+"""AWQ's weight transforms (llm-awq's apply_scale, apply_clip, pseudo_quantize_tensor), and its
+results file.
 
-Arithmetic is float32. The scaled weights are rounded to float16 before clipping and
-pseudo-quantization, so the fake-quantized model quantizes exactly the model that the
-cheatsheet compares against.
+Dtypes follow the fork, because the bytes of the outputs depend on them: the quantizer runs in
+the dtype of the weight it is given (float16 for the model's weights); a clip limit promotes
+the clipped weight to its own dtype (the fork's `clamp(fp16 weight, fp32 limit)` returns fp32,
+so a results file with float32 limits quantizes those Linears in float32). Scales are folded in
+float32 and rounded to float16 once, as the fork's in-place fp16 updates do.
 """
 from __future__ import annotations
 
@@ -23,21 +26,41 @@ class LayerTransforms:
     clips: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    return weight.reshape(-1, group_size if group_size > 0 else weight.shape[-1])
+
+
+def _zero_point_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, zeros) of grouped rows `w`, all in w's dtype, in the fork's operation order."""
+    max_int = 2 ** bits - 1
+    high, low = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    scales = (high - low).clamp(min=1e-5) / max_int
+    zeros = (-torch.round(low / scales)).clamp(0, max_int)
+    return torch.clamp(torch.round(w / scales) + zeros, 0, max_int), scales, zeros
+
+
+def quantize_groups(weight: torch.Tensor, bits: int, group_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-point round-to-nearest per group of input channels, in `weight`'s dtype.
+
+    Returns (codes uint8 [out, in] in 0..2^b-1, scales [out, groups], zeros [out, groups]), the
+    last two in the weight's dtype: the fake-quantized weight is (codes - zeros) * scales.
+    """
+    codes, scales, zeros = _zero_point_grid(_grouped(weight, group_size), bits)
+    rows = weight.shape[0]
+    return codes.reshape(weight.shape).to(torch.uint8), scales.reshape(rows, -1), zeros.reshape(rows, -1)
+
+
 def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
-    """Round-to-nearest per group of `group_size` input channels (group_size <= 0: whole rows)."""
-    shape = weight.shape
-    w = weight.float().reshape(-1, group_size if group_size > 0 else shape[-1])
+    """Round-to-nearest per group of `group_size` input channels (<= 0: whole rows), computed
+    in `weight`'s dtype exactly as llm-awq's pseudo_quantize_tensor."""
+    w = _grouped(weight, group_size)
     if zero_point:
-        max_int = 2 ** bits - 1
-        high, low = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
-        scale = (high - low).clamp(min=1e-5) / max_int
-        zero = (-torch.round(low / scale)).clamp(0, max_int)
-        w = (torch.clamp(torch.round(w / scale) + zero, 0, max_int) - zero) * scale
-    else:
-        max_int, min_int = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / max_int
-        w = torch.clamp(torch.round(w / scale), min_int, max_int) * scale
-    return w.reshape(shape)
+        codes, scales, zeros = _zero_point_grid(w, bits)
+        return ((codes - zeros) * scales).reshape(weight.shape)
+    max_int, min_int = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / max_int
+    return (torch.clamp(torch.round(w / scale), min_int, max_int) * scale).reshape(weight.shape)
 
 
 def apply_scales(tensors: dict[str, torch.Tensor], transforms: LayerTransforms) -> None:
@@ -59,10 +82,19 @@ def apply_scales(tensors: dict[str, torch.Tensor], transforms: LayerTransforms) 
 
 
 def clip_weight(weight: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """Clamp each group of input channels to [-max_val, max_val] (max_val [out, n_groups, 1])."""
+    """Clamp each group of input channels to [-max_val, max_val] (max_val [out, n_groups, 1]),
+    in the promoted dtype of the two, as the fork's clamp does."""
     grouped = weight.reshape(max_val.shape[0], max_val.shape[1], -1)
-    limit = max_val.to(weight.device, torch.float32)
+    limit = max_val.to(weight.device)
     return torch.clamp(grouped, -limit, limit).reshape(weight.shape)
+
+
+def fake_quantize_linear(weight: torch.Tensor, clip: torch.Tensor | None, bits: int, group_size: int,
+                         zero_point: bool = True) -> torch.Tensor:
+    """The fake-quantized float16 weight of one scaled float16 Linear weight (clip first, if any)."""
+    if clip is not None:
+        weight = clip_weight(weight, clip)
+    return pseudo_quantize(weight, bits, group_size, zero_point).half()
 
 
 def load_results(path: Path) -> dict:
@@ -78,6 +110,31 @@ def load_results(path: Path) -> dict:
     if not isinstance(results, dict) or not {"scale", "clip"} <= set(results):
         raise InputError(f"--awq_results {path}: expected a dict with 'scale' and 'clip' lists")
     return results
+
+
+def load_bit_widths(path: Path, layers: int) -> list[int]:
+    """The fork's per-layer bits file ({layer_index: bits}, torch.save'd), checked for every layer."""
+    if not path.is_file():
+        raise InputError(f"--bit_pt {path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"--bit_pt {path}: refused to load ({type(error).__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--bit_pt {path}: expected a dict {{layer_index: bits}}")
+    widths = []
+    for index in range(layers):
+        value = data.get(index, data.get(str(index)))
+        if value is None:
+            raise InputError(f"--bit_pt {path}: no bit width for layer {index} (the model has {layers} layers)")
+        try:
+            bits = int(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"--bit_pt {path}: layer {index}: {value!r} is not a bit width") from None
+        if bits != value or not 1 <= bits <= 8:
+            raise InputError(f"--bit_pt {path}: layer {index}: {value} bits; expected a whole number from 1 to 8")
+        widths.append(bits)
+    return widths
 
 
 def split_by_layer(results: dict, path: Path, checkpoint: Checkpoint, layout: LayerLayout,
@@ -134,7 +191,9 @@ def split_by_layer(results: dict, path: Path, checkpoint: Checkpoint, layout: La
         if local not in layout.layers[index].linears:
             raise InputError(f"--awq_results {path}: clip target {name} is not a Linear")
         out_features, in_features = checkpoint.tensors[layout.layers[index].linears[local]].shape
-        max_val = torch.as_tensor(max_val).float()
+        max_val = torch.as_tensor(max_val)
+        if not max_val.dtype.is_floating_point:
+            raise InputError(f"--awq_results {path}: clip max_val for {name} is not floating point")
         if (max_val.ndim != 3 or max_val.shape[0] != out_features or max_val.shape[2] != 1
                 or in_features % max_val.shape[1]):
             raise InputError(f"--awq_results {path}: clip max_val of shape {list(max_val.shape)} does not "

@@ -25,26 +25,32 @@ NAMED_DATASETS = {
            "split": "train", "field": "text"},
     "pileval": {"path": "mit-han-lab/pile-val-backup", "split": "validation", "field": "text"},
 }
+AWQ_MAX_PASSAGE = 512  # llm-awq skips longer passages, whatever the block length
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".csv", ".arrow")
 
 
-def load_texts(dataset: str, text_column: str | None = None, split: str | None = None) -> list[str]:
-    """The passages of a named dataset or a local file/folder, as a list of strings."""
+def load_texts(dataset: str, text_column: str | None = None, split: str | None = None,
+               flag: str = "--dataset", keep_empty: bool = False) -> list[str]:
+    """The passages of a named dataset or a local file/folder, as a list of strings.
+
+    `keep_empty` keeps empty passages (as "") where they are: AWQ's sampler shuffles by row
+    index, so dropping rows would change which passages it picks."""
     path = Path(dataset).expanduser()
     if path.exists():
         texts = _load_local(path, text_column or "text")
     elif dataset in NAMED_DATASETS:
-        texts = _load_named(dataset, text_column, split)
+        texts = _load_named(dataset, text_column, split, flag)
     else:
         names = ", ".join(NAMED_DATASETS)
-        raise InputError(f"--dataset {dataset}: neither a file nor a known dataset ({names})")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise InputError(f"--dataset {dataset}: holds no text")
-    return texts
+        raise InputError(f"{flag} {dataset}: neither a file nor a known dataset ({names})")
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise InputError(f"{flag} {dataset}: holds no text")
+    if keep_empty:
+        return [t if isinstance(t, str) else "" for t in texts]
+    return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
-def _load_named(dataset: str, text_column: str | None, split: str | None) -> list[str]:
+def _load_named(dataset: str, text_column: str | None, split: str | None, flag: str = "--dataset") -> list[str]:
     spec = dict(NAMED_DATASETS[dataset])
     field = text_column or spec.pop("field")
     spec.pop("field", None)
@@ -53,7 +59,7 @@ def _load_named(dataset: str, text_column: str | None, split: str | None) -> lis
     try:
         import datasets
     except ImportError:
-        raise InputError(f"--dataset {dataset}: needs the 'datasets' package (pip install datasets), "
+        raise InputError(f"{flag} {dataset}: needs the 'datasets' package (pip install datasets), "
                          "or pass a local file (.txt, .jsonl, .parquet, ...)") from None
     try:
         data = datasets.load_dataset(**spec, split=split)
@@ -61,11 +67,11 @@ def _load_named(dataset: str, text_column: str | None, split: str | None) -> lis
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         hint = ("script-based datasets no longer load with recent 'datasets' versions; "
                 if dataset == "ptb" else "")
-        raise InputError(f"--dataset {dataset}: cannot load {spec['path']} ({reason}); {hint}"
+        raise InputError(f"{flag} {dataset}: cannot load {spec['path']} ({reason}); {hint}"
                          "without network, download it once elsewhere and pass a local file, "
-                         "e.g. --dataset ./c4-sample.jsonl") from None
+                         f"e.g. {flag} ./{dataset}-sample.jsonl") from None
     if field not in data.column_names:
-        raise InputError(f"--dataset {dataset}: no column '{field}' (columns: {', '.join(data.column_names)})")
+        raise InputError(f"{flag} {dataset}: no column '{field}' (columns: {', '.join(data.column_names)})")
     texts = list(data[field])
     if dataset == "ptb":
         texts = [t.replace("<unk>", "< u n k >") for t in texts]
@@ -234,3 +240,29 @@ def sample_concat(texts: list[str], tokenize: Tokenize, seq_len: int, num_exampl
     generator = random.Random(seed)
     starts = [generator.randint(0, ids.shape[0] - seq_len - 1) for _ in range(num_examples)]
     return torch.stack([ids[s: s + seq_len] for s in starts])
+
+
+def sample_awq_blocks(texts: list[str], encode: Callable[[str], list[int]], n_samples: int,
+                      seqlen: int) -> torch.Tensor:
+    """[blocks, seqlen] token ids as llm-awq's calibration draws them (SPEC §7.1).
+
+    Passages in the order `default_rng(42).permutation(n)` (what `datasets`' shuffle(seed=42)
+    gives); each stripped and encoded with the default special tokens, skipped when empty or
+    longer than 512 tokens; the first `n_samples` kept are joined and cut into whole blocks.
+    """
+    kept: list[int] = []
+    count = 0
+    for index in np.random.default_rng(42).permutation(len(texts)):
+        ids = encode(texts[index].strip())
+        if len(ids) == 0 or len(ids) > AWQ_MAX_PASSAGE:
+            continue
+        kept.extend(ids)
+        count += 1
+        if count == n_samples:
+            break
+    blocks = len(kept) // seqlen
+    if blocks == 0:
+        raise InputError(f"the calibration data gave {len(kept)} tokens from {count} passages of at most "
+                         f"{AWQ_MAX_PASSAGE} tokens, fewer than one block of --seqlen {seqlen}; raise --n_samples "
+                         "or give more text")
+    return torch.tensor(kept[: blocks * seqlen], dtype=torch.long).reshape(blocks, seqlen)

@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from common.errors import InputError
 from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
-from common.model_files import Checkpoint, read_safetensors_file
+from common.model_files import Checkpoint, float16_check, read_safetensors_file
 from common.outputs import atomic_file
 from common.residual import pack_nibbles, quantize_residual, reorder_scales
 from common.prefetch import prefetched
-from common.torchsave import StreamedWriter, TensorMeta
+from common.torchsave import StreamedWriter, TensorMeta, layout_bytes
 
 OUTPUT_FILES = {
     "cheatsheet": "cheatsheet.pt",
@@ -161,6 +161,8 @@ class PartStore:
             if not same:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp-*"):  # a killed run's half-written part (we hold the lock)
+            stale.unlink(missing_ok=True)
         stamp.write_text(json.dumps(fingerprint))
 
     def path(self, layer: int) -> Path:
@@ -172,8 +174,11 @@ class PartStore:
     def write(self, layer: int, results: dict[str, dict[str, torch.Tensor]]) -> None:
         flat = {f"{module}|{key}": tensor.contiguous() for module, fields in results.items()
                 for key, tensor in fields.items()}
-        with atomic_file(self.path(layer)) as temp:
-            save_file(flat, str(temp))
+        with atomic_file(self.path(layer), self.resume_hint()) as temp:
+            temp.write_bytes(safetensors_bytes(flat))
+
+    def resume_hint(self) -> str:
+        return f"; finished layers are kept in {self.dir}: the same command resumes from them"
 
     def read(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
         results: dict[str, dict[str, torch.Tensor]] = {}
@@ -210,17 +215,41 @@ def build_cheatsheet(models: PairedModels, save_path: Path, options: CheatsheetO
     targets = {kind: save_path / OUTPUT_FILES[kind] for kind in options.outputs()}
     try:
         with ExitStack() as stack:
-            writers = {kind: stack.enter_context(StreamedWriter(stack.enter_context(atomic_file(target)),
-                                                                output_layout(models, options, kind)))
-                       for kind, target in targets.items()}
+            writers = {kind: stack.enter_context(StreamedWriter(
+                stack.enter_context(atomic_file(target, parts.resume_hint())), output_layout(models, options, kind)))
+                for kind, target in targets.items()}
+            any_residual = False
             for _, results in _layer_results(models, parts, options, device, progress):
+                any_residual = any_residual or any(bool(fields["cheatsheet/scales"].any())
+                                                   for fields in results.values())
                 for kind, writer in writers.items():
                     writer.put(item_for_output(results, kind))
+            if not any_residual:
+                raise InputError(f"{models.quantized.dir}: the quantized model equals the original "
+                                 f"{models.original.dir}: every residual is zero, so the cheatsheet would be empty")
     except InputError:
         parts.remove()  # bad input: a rerun with the same input cannot use these parts
         raise
     parts.remove()
     return targets
+
+
+def output_bytes(models: PairedModels, options: CheatsheetOptions) -> int:
+    """What the final files of `options` take on disk (the resume parts take about as much again)."""
+    return sum(layout_bytes(output_layout(models, options, kind)) for kind in options.outputs())
+
+
+def likely_swapped(models: PairedModels, rows: int = 16) -> bool:
+    """True when the 'original' looks quantized and the 'quantized' does not: the first Linear's
+    rows hold far fewer distinct values in the original (a quantizer keeps at most 2^b per group)."""
+    layer = models.layout.layers[0]
+    module = sorted(layer.linears)[0]
+    original = models.original.read_raw(layer.linears[module])[:rows].half()
+    quantized = models.quantized.read_raw(models.quantized_layout.layers[0].linears[module])[:rows].half()
+
+    def distinct(weights: torch.Tensor) -> float:
+        return sum(len(torch.unique(row)) for row in weights) / max(1, weights.shape[0])
+    return 2 * distinct(original) <= distinct(quantized)
 
 
 def _layer_results(models: PairedModels, parts: PartStore, options: CheatsheetOptions, device: torch.device,
@@ -236,6 +265,7 @@ def _layer_results(models: PairedModels, parts: PartStore, options: CheatsheetOp
             yield index, results
         else:
             yield layer.index, parts.read(layer.index)
+    next(computed, None)  # run the computation to its end: it waits for the last part file to be written
 
 
 def _compute_layers(models: PairedModels, parts: PartStore, options: CheatsheetOptions, device: torch.device,
@@ -263,15 +293,13 @@ def _compute_layers(models: PairedModels, parts: PartStore, options: CheatsheetO
                     last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
                     yield layer_results.layer.index, layer_results.modules
                 layer_results = LayerResults(layer)
-            weight_o = raw_o.to(device, non_blocking=True).half()
-            weight_q = raw_q.to(device, non_blocking=True).half()
+            raw_o, raw_q = raw_o.to(device, non_blocking=True), raw_q.to(device, non_blocking=True)
+            weight_o, weight_q = raw_o.half(), raw_q.half()
             name_o = layer.linears[module]
             name_q = models.quantized_layout.layers[layer.index].linears[module]
             outputs = residual_outputs(weight_o, weight_q, options)
-            layer_results.check(torch.isfinite(weight_o).all(), f"{models.original.dir}: tensor {name_o} holds "
-                                "NaN or Inf (as float16)")
-            layer_results.check(torch.isfinite(weight_q).all(), f"{models.quantized.dir}: tensor {name_q} holds "
-                                "NaN or Inf (as float16)")
+            layer_results.check(*float16_check(raw_o, weight_o, f"{models.original.dir}: tensor {name_o}"))
+            layer_results.check(*float16_check(raw_q, weight_q, f"{models.quantized.dir}: tensor {name_q}"))
             layer_results.check(outputs.pop("finite"), f"{models.quantized.dir}: tensor {name_q} differs from "
                                 "the original by more than float16 can hold")
             layer_results.modules[module] = outputs
@@ -289,9 +317,10 @@ class LayerResults:
         self.layer = layer
         self.modules: dict[str, dict[str, torch.Tensor]] = {}
         self._flags: list[torch.Tensor] = []
-        self._problems: list[str] = []
+        self._problems: list[str | Callable[[], str]] = []
 
-    def check(self, flag: torch.Tensor, problem: str) -> None:
+    def check(self, flag: torch.Tensor, problem: str | Callable[[], str]) -> None:
+        """Record a device flag; `problem` (a message, or a function making it) if it is false."""
         self._flags.append(flag)
         self._problems.append(problem)
 
@@ -299,7 +328,8 @@ class LayerResults:
         """One device sync per layer: raise the first failed check as an input error."""
         flags = torch.stack(self._flags).cpu()
         if not bool(flags.all()):
-            raise InputError(self._problems[int((~flags).nonzero()[0])])
+            problem = self._problems[int((~flags).nonzero()[0])]
+            raise InputError(problem if isinstance(problem, str) else problem())
 
 
 def _submit_part(results: LayerResults, options: CheatsheetOptions, parts: PartStore,

@@ -6,6 +6,7 @@ reading its inputs) before paying for the heavy imports.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from common.errors import InputError
@@ -25,7 +26,7 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing outputs (default: refuse and keep them)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the final lines still say what was written)")
 
 
 def pick_device(requested: str | None) -> "torch.device":
@@ -49,3 +50,10 @@ def progress(items: Iterable[T], quiet: bool, desc: str, total: int | None = Non
     """A tqdm bar over `items` (silent with --quiet)."""
     from tqdm import tqdm
     return iter(tqdm(items, desc=desc, total=total, disable=quiet, dynamic_ncols=True, leave=False))
+
+
+def report_written(paths: list, summary: str) -> None:
+    """The lines a run ends with, --quiet or not: what it did, and where each output now is."""
+    print(f"{summary}; wrote:", file=sys.stderr)
+    for path in paths:
+        print(f"  {path}", file=sys.stderr)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from common.layers import LayerLayout
 from common.model_files import Checkpoint
 from common.model_writer import ShardedModelWriter, copy_model_files
-from common.outputs import atomic_dir
+from common.outputs import atomic_dir, check_free_space
 from common.prefetch import prefetched
 
 # (layer index, {local tensor name: float32 tensor on the device}, extras) -> {output: {local name: tensor}}
@@ -28,25 +28,39 @@ def output_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype.is_floating_point else dtype
 
 
+class Writer(Protocol):
+    """What convert_model writes an output through: every tensor planned up front."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    total_size: int
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
+
+
 def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str, Path],
                   transform: LayerTransform, device: torch.device, max_shard_size: int, overwrite: bool,
                   progress: Callable, read_extras: Callable[[int], Any] = lambda index: None,
-                  read_linears: bool = True) -> None:
+                  read_linears: bool = True, writer_for: dict[str, Callable[[Path], Writer]] | None = None) -> None:
     """Write every output directory; `transform` supplies each layer's new tensors.
 
     `read_extras(i)` loads whatever else layer i needs (e.g. LUTs and codes); it runs ahead in
     the background with the layer's own tensors. With `read_linears=False` the layer's Linear
     weights are not read at all (the transform replaces them; their shapes are in the header).
+    An output is a safetensors model directory unless `writer_for` names another writer for it
+    (made in the output's temporary folder); the transform's tensors are named as in the layer.
     """
     plan = [(name, info.shape, output_dtype(info.dtype)) for name, info in checkpoint.tensors.items()]
     pin = device.type == "cuda"
     with ExitStack() as stack:
-        writers = {}
+        writers: dict[str, Writer] = {}
         for key, path in outputs.items():
             temp = stack.enter_context(atomic_dir(path, overwrite))
-            writers[key] = ShardedModelWriter(temp, plan, max_shard_size)
+            make = (writer_for or {}).get(key)
+            writers[key] = make(temp) if make else ShardedModelWriter(temp, plan, max_shard_size)
             stack.callback(writers[key].close)
             copy_model_files(checkpoint.dir, temp)
+        check_free_space([(outputs[key], writer.total_size, outputs[key].name) for key, writer in writers.items()])
         for name in layout.outside:
             tensor = checkpoint.read_raw(name).to(output_dtype(checkpoint.tensors[name].dtype))
             for writer in writers.values():
@@ -71,10 +85,9 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                                                  total=len(steps)):
                 tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
                 results = transform(index, tensors, extras)
-                layer = layout.layers[index]
-                full = {**{f"{m}.weight": n for m, n in layer.linears.items()}, **layer.others}
-                outputs = {key: {name: produced[local].to(output_dtype(checkpoint.tensors[name].dtype)).cpu()
-                                 for local, name in full.items()} for key, produced in results.items()}
+                prefix = f"{layout.prefix}layers.{index}."
+                outputs = {key: {prefix + local: tensor.to(writers[key].expected[prefix + local][1]).cpu()
+                                 for local, tensor in produced.items()} for key, produced in results.items()}
                 del tensors, results
                 if pending is not None:
                     pending.result()  # one layer is written while the next is computed

@@ -2,16 +2,25 @@
 
 Scripts raise `InputError` for anything the user can fix (a missing path, mismatched
 models, a corrupt file). `run_main` prints it as one line and exits 2, so a user never sees
-a traceback for their own mistake; a genuine bug still shows its traceback.
+a traceback for their own mistake; a genuine bug still shows its traceback. A write that the
+machine refuses (disk full, quota, I/O error, read-only) is an `OutputError`: one line, exit 1.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, NoReturn
 
 
 class InputError(Exception):
     """A problem with the user's input; the message names the file or tensor and the problem."""
+
+
+class OutputError(Exception):
+    """Writing an output failed for a reason outside the program (disk full, quota, I/O error, ...)."""
+
+
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -26,9 +35,18 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OutputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}", file=sys.stderr)
+        sys.exit(1)
     except Exception as error:
         if not is_out_of_memory(error):
             raise

@@ -38,6 +38,22 @@ def num_hidden_layers(config: dict) -> int | None:
     return None
 
 
+def model_context(config: dict) -> int | None:
+    """The longest sequence the model takes (max_position_embeddings), when config.json says."""
+    for source in (config, config.get("text_config") or {}):
+        if isinstance(source.get("max_position_embeddings"), int):
+            return source["max_position_embeddings"]
+    return None
+
+
+def check_seq_len(checkpoint: Checkpoint, seq_len: int, flag: str = "--seq_len") -> None:
+    """Input error for windows longer than the model's context (positions past it are garbage)."""
+    context = model_context(checkpoint.config)
+    if context is not None and seq_len > context:
+        raise InputError(f"{flag} {seq_len}: longer than the model's context ({context} tokens, "
+                         f"{checkpoint.dir / 'config.json'})")
+
+
 def find_layers(checkpoint: Checkpoint) -> LayerLayout:
     """Group the checkpoint's tensors into decoder layers (SPEC §2)."""
     by_prefix: dict[str, dict[int, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))

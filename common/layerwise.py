@@ -153,11 +153,24 @@ class LayerwiseModel:
         layer = self.layers[index]
         for name, future in self._prefetched.pop((index, id(checkpoint))).items():
             assign_parameter(layer, name, future.result().to(self.device, self.dtype, non_blocking=True))
+        self._buffers_to_device(layer)
+        return layer
+
+    def load_layer_from(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """Layer `index` with weights already read (parameter name inside the layer -> tensor)."""
+        layer = self.layers[index]
+        for name, full in self.layer_tensor_names(index).items():
+            if name not in tensors:
+                raise InputError(f"{self.checkpoint.dir}: tensor {full} is missing")
+            assign_parameter(layer, name, tensors[name].to(self.device, self.dtype))
+        self._buffers_to_device(layer)
+        return layer
+
+    def _buffers_to_device(self, layer: nn.Module) -> None:
         for module in layer.modules():
             for buffer_name, buffer in list(module._buffers.items()):
                 if buffer is not None and buffer.device != self.device:
                     module._buffers[buffer_name] = buffer.to(self.device)
-        return layer
 
     def unload_layer(self, index: int) -> None:
         layer = self.layers[index]

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,11 +27,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def resolve_model_dir(name: str, flag: str) -> Path:
     """A local model directory, or a hub id resolved through the local Hugging Face cache.
 
     A hub id is looked up with `local_files_only` first; only when that fails and the hub
-    is not switched off (`HF_HUB_OFFLINE`) is it downloaded.
+    is not switched off (`HF_HUB_OFFLINE`) is it downloaded. Failures say why.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -43,16 +48,37 @@ def resolve_model_dir(name: str, flag: str) -> Path:
         raise InputError(f"{flag} {name}: no such directory")
     try:
         from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:
-            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-                raise
-            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
-            return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as error:  # the hub client raises many types; all mean "not available"
-        raise InputError(f"{flag} {name}: not a local directory and not available from the "
-                         f"Hugging Face cache ({type(error).__name__})") from None
+    except ImportError:
+        raise InputError(f"{flag} {name}: no such directory (and huggingface_hub is not installed)") from None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        if hub_offline():
+            raise InputError(f"{flag} {name}: not a local directory and not in the Hugging Face cache, and "
+                             "HF_HUB_OFFLINE is set; download it once where there is network, or pass a "
+                             "local directory") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, etag_timeout=5))
+    except Exception as error:  # the hub client raises many types; name the cause
+        raise InputError(f"{flag} {name}: {_hub_failure(error)}") from None
+
+
+def _hub_failure(error: Exception) -> str:
+    """Why a hub download failed, in words, with what to do."""
+    kind = type(error).__name__
+    if kind == "GatedRepoError":
+        return ("a gated model: accept its license on its hub page and log in (hf auth login), "
+                "or pass a local directory")
+    if kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+        return "not found on the Hugging Face hub (a typo, or a private model: log in with hf auth login)"
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "connect" in str(error).lower() \
+            or kind in ("ConnectError", "ConnectionError", "ConnectTimeout", "TimeoutException"):
+        return ("not in the local Hugging Face cache and the hub cannot be reached (no network?); "
+                "pass a local directory, or set HF_HUB_OFFLINE=1 to skip the hub lookup")
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else kind
+    return (f"not a local directory, and the Hugging Face hub download failed ({kind}: {reason}); "
+            "pass a local directory, or set HF_HUB_OFFLINE=1 to use the cache only")
 
 
 @dataclass(frozen=True)
@@ -182,6 +208,19 @@ def read_tensor(info: TensorInfo, fd: int, pin: bool = False) -> torch.Tensor:
             raise InputError(f"{info.file}: truncated while reading tensor {info.name}")
         done += got
     return buffer.view(info.dtype).reshape(info.shape)
+
+
+def float16_check(raw: torch.Tensor, half: torch.Tensor, where: str) -> tuple[torch.Tensor, Callable[[], str]]:
+    """(device flag "`half`, the float16 cast of `raw`, is finite", a function that says what is
+    wrong): NaN/Inf in the checkpoint, or a finite value beyond float16's range, with that value."""
+    largest = raw.abs().amax() if raw.numel() else torch.zeros((), device=raw.device)
+
+    def problem() -> str:
+        value = float(largest)
+        if not math.isfinite(value):
+            return f"{where} holds NaN or Inf"
+        return f"{where} holds {value:.6g}, beyond the float16 range (±65504)"
+    return torch.isfinite(half).all(), problem
 
 
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:

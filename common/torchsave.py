@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import queue
 import sys
@@ -21,6 +22,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.serialization
+
+from common.outputs import atomic_file, opened_for_writing
 
 STORAGE_TYPES = {
     torch.float16: "HalfStorage", torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage",
@@ -77,6 +80,11 @@ def _leaves(structure: Any) -> Iterable[Any]:
         yield structure
 
 
+def layout_bytes(layout: list[Any]) -> int:
+    """The bytes of the tensors a layout announces (TensorMeta leaves): the file's size, near enough."""
+    return sum(math.prod(meta.shape) * meta.dtype.itemsize for meta in _leaves(layout))
+
+
 def _replace_leaves(structure: Any, make: Callable[[Any], Any]) -> Any:
     if isinstance(structure, dict):
         return {k: _replace_leaves(v, make) for k, v in structure.items()}
@@ -85,12 +93,20 @@ def _replace_leaves(structure: Any, make: Callable[[Any], Any]) -> Any:
     return make(structure)
 
 
-def write_streamed(path: Path, layout: list[Any], load_item: Callable[[int], Any]) -> None:
-    """torch.save a list whose item i has `layout[i]`'s structure (TensorMeta leaves).
+def save_atomically(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` through a temporary name; a failed write is one OutputError line."""
+    with atomic_file(path) as temp, opened_for_writing(temp) as handle:
+        torch.save(obj, handle)
+
+
+def write_streamed(path: Path, layout: list[Any] | dict[str, Any], load_item: Callable[[int], Any]) -> None:
+    """torch.save a list (or dict) whose item i has the structure of `layout`'s item i (TensorMeta
+    leaves); a dict's items are its values, in order.
 
     `load_item(i)` returns item i with real tensors in place of the metas (same keys, same
     order); it is called once per item, in order, and each item is released before the next.
     """
+    items = list(layout.values()) if isinstance(layout, dict) else list(layout)
     refs: list[_StorageRef] = []
 
     def placeholder(meta: TensorMeta) -> _Placeholder:
@@ -101,21 +117,21 @@ def write_streamed(path: Path, layout: list[Any], load_item: Callable[[int], Any
     _Pickler(buffer, protocol=2).dump(_replace_leaves(layout, placeholder))
     data = buffer.getvalue()
     key = 0
-    with torch.serialization._open_zipfile_writer(str(path)) as writer:
+    with opened_for_writing(path) as handle, torch.serialization._open_zipfile_writer(handle) as writer:
         writer.write_record("data.pkl", data, len(data))
         writer.write_record(".format_version", "1", 1)
         alignment = str(torch.serialization._get_storage_alignment())
         writer.write_record(".storage_alignment", alignment, len(alignment))
         writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for index in range(len(layout)):
+        for index in range(len(items)):
             item = load_item(index)
-            for tensor, meta_ref in zip(_leaves(item), refs[key: key + _count(layout[index])]):
+            for tensor, meta_ref in zip(_leaves(item), refs[key: key + _count(items[index])]):
                 if tuple(tensor.shape) != meta_ref.meta.shape or tensor.dtype != meta_ref.meta.dtype:
                     raise RuntimeError(f"item {index}: tensor does not match its announced layout")
                 tensor = tensor.detach().cpu().contiguous()
                 storage = tensor.untyped_storage()
                 writer.write_record(f"data/{meta_ref.key}", storage, tensor.numel() * tensor.element_size())
-            key += _count(layout[index])
+            key += _count(items[index])
             del item
 
 
@@ -186,3 +202,32 @@ class StreamedWriter:
             self.finish()
         else:
             self.abort()
+
+
+class StateDictWriter:
+    """A `torch.save`d dict of tensors whose names, shapes and dtypes are planned up front, written
+    tensor by tensor. Tensors may arrive out of plan order; each waits until its turn (a caller
+    that writes layer by layer in plan order holds at most one layer)."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, TensorMeta]]):
+        self.order = [name for name, _ in plan]
+        self.expected = {name: (meta.shape, meta.dtype) for name, meta in plan}
+        self.total_size = layout_bytes([meta for _, meta in plan])
+        self._writer = StreamedWriter(path, dict(plan))
+        self._next = 0
+        self._waiting: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._waiting[name] = tensor
+        while self._next < len(self.order) and self.order[self._next] in self._waiting:
+            self._writer.put(self._waiting.pop(self.order[self._next]))
+            self._next += 1
+
+    def finish(self) -> None:
+        if self._next < len(self.order):
+            raise RuntimeError(f"tensors never written: {self.order[self._next: self._next + 3]}")
+        self._writer.finish()
+
+    def close(self) -> None:
+        if self._writer.thread.is_alive():
+            self._writer.abort()

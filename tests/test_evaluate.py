@@ -2,6 +2,7 @@
 the trend over k_chunk, --check on corrupted artifacts, and bad inputs."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -166,3 +167,43 @@ def test_bad_inputs(artifacts, phi3_pair, tmp_path):
     short.write_text("just a few words")
     assert_input_error(run_evaluate(quantized, folder, "--dataset", short, "--seq_len", 512),
                        "fewer than one window")
+
+
+def test_outputs_follow_the_rules_of_every_script(artifacts, tmp_path):
+    original, quantized, folder, data = artifacts
+    existing = tmp_path / "results.json"
+    existing.write_text("earlier results")
+    plot = tmp_path / "ppl.png"
+    args = ["--original_model", original, "--dataset", data, "--seq_len", 64, "--max_chunks", 2, "--k_chunks", 0, 16]
+    assert_input_error(run_evaluate(quantized, folder, *args, "--output", existing), "results.json",
+                       "--overwrite")
+    assert existing.read_text() == "earlier results"
+    assert_input_error(run_evaluate(quantized, folder, *args, "--output", folder / "cheatsheet.pt", "--overwrite"),
+                       "is the input --artifacts")
+    assert_input_error(run_evaluate(quantized, folder, "--seq_len", 4096), "--seq_len 4096",
+                       "longer than the model's context")
+    result = run_evaluate(quantized, folder, *args, "--output", existing, "--plot", plot, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(existing.read_text())["decdec"][1]["k_chunk"] == 16
+    assert "wrote" in result.stderr and str(existing) in result.stderr and str(plot) in result.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries, no locks
+    check = tmp_path / "check.json"
+    result = run_evaluate(quantized, folder, "--original_model", original, "--check", "--output", check)
+    assert result.returncode == 0, result.stderr[-2000:]
+    findings = json.loads(check.read_text())
+    assert findings["problems"] == [] and findings["layers"] == 2
+    assert 0 < findings["residual_relative_error"]["max"] < 0.5
+
+
+def test_gap_closed_is_not_applicable_when_quantization_did_not_hurt(artifacts, capsys):
+    from evaluate import build_report, print_table
+    scores = {"original": {"ppl": 10.0, "kl": 0.0}, "fakequant": {"ppl": 9.9, "kl": 0.01},
+              "decdec k_chunk=16": {"ppl": 9.95, "kl": 0.005}}
+    args = argparse.Namespace(quantized_model="q", original_model="o", dataset="d", seq_len=8, selection="buckets",
+                              k_chunks=[0, 16])
+    report = build_report(scores, [], args, torch.zeros(3, 8))
+    assert report["decdec"][1]["gap_closed"] is None
+    print_table(report)
+    assert "n/a" in capsys.readouterr().out
+    scores["fakequant"]["ppl"] = 12.0
+    assert build_report(scores, [], args, torch.zeros(3, 8))["decdec"][1]["gap_closed"] == pytest.approx(1.025)

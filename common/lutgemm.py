@@ -1,0 +1,126 @@
+"""DecDEC's LUT-GEMM checkpoint (SPEC §7.6): what its runtime loads with `--backend lutgemm`.
+
+Each quantized Linear's weight becomes three tensors of a binary-coded form: the codes' bits
+packed 32 input channels to an int32 word (`binary`), a per-group, per-bit scale (`alpha`) and a
+per-group offset (`q_bias`), such that
+    W[o, j] = sum_p alpha[G, p, o] * (2 * bit_p(q[o, j]) - 1) + q_bias[G, o],   G = j // g,
+which equals the fake-quantized weight (q - z) * s.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from common.errors import InputError
+from common.layers import LayerLayout
+from common.model_files import Checkpoint, TensorInfo
+from common.torchsave import StateDictWriter, TensorMeta
+
+WORD_BITS = 32
+SUFFIXES = ("binary", "alpha", "q_bias")
+
+
+def check_shape(name: str, shape: tuple[int, ...], group_size: int) -> None:
+    """Input error for a weight the LUT-GEMM layout cannot hold."""
+    in_features = shape[1]
+    if in_features % WORD_BITS:
+        raise InputError(f"tensor {name} has {in_features} input channels, not a multiple of 32, "
+                         "which the LUT-GEMM checkpoint (--real_output) packs per int32 word")
+    if group_size > 0 and in_features % group_size:
+        raise InputError(f"tensor {name} has {in_features} input channels, not divisible by "
+                         f"--q_group_size {group_size}")
+
+
+def layout(shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, TensorMeta]:
+    """The three tensors replacing a weight of `shape` [out, in]."""
+    out_features, in_features = shape
+    groups = in_features // (group_size if group_size > 0 else in_features)
+    return {"binary": TensorMeta((in_features // WORD_BITS, bits, out_features), torch.int32),
+            "alpha": TensorMeta((groups, bits, out_features), torch.float32),
+            "q_bias": TensorMeta((groups, out_features), torch.float32)}
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """binary / alpha / q_bias from codes [out, in] and per-group scales, zeros [out, groups]."""
+    out_features, in_features = codes.shape
+    planes = torch.arange(bits, device=codes.device, dtype=torch.int32)
+    code_bits = (codes.to(torch.int32)[None] >> planes[:, None, None]) & 1  # [b, out, in]
+    shifts = torch.arange(WORD_BITS, device=codes.device, dtype=torch.int32)
+    words = code_bits.reshape(bits, out_features, in_features // WORD_BITS, WORD_BITS) << shifts
+    # disjoint bits: the sum is their OR; int32 wrap-around gives the bit pattern of bit 31
+    binary = words.sum(dim=-1, dtype=torch.int32).permute(2, 0, 1).contiguous()  # [in/32, b, out]
+    scales32, zeros32 = scales.float(), zeros.float()
+    alpha = (scales32 / 2.0)[..., None] * (2.0 ** planes.float())  # [out, groups, b]
+    q_bias = alpha.sum(dim=-1) - scales32 * zeros32  # [out, groups]
+    return {"binary": binary, "alpha": alpha.permute(1, 2, 0).contiguous(), "q_bias": q_bias.t().contiguous()}
+
+
+def decode(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [out, in] a LUT-GEMM triple stands for (the runtime's arithmetic)."""
+    words, bits, out_features = binary.shape
+    in_features = words * WORD_BITS
+    groups = alpha.shape[0]
+    shifts = torch.arange(WORD_BITS, device=binary.device, dtype=torch.int32)
+    code_bits = (binary[:, None] >> shifts[None, :, None, None]) & 1  # [in/32, 32, b, out]
+    signs = (2 * code_bits - 1).reshape(in_features, bits, out_features).float()
+    group_of = torch.arange(in_features, device=binary.device) // (in_features // groups)
+    weight = (alpha[group_of] * signs).sum(dim=1) + q_bias[group_of]  # [in, out]
+    return weight.t().contiguous()
+
+
+class CheckpointWriter:
+    """DIR/pytorch_model.bin in the fork's `--dump_quant` layout (every decoder Linear's weight
+    replaced by binary / alpha / q_bias, everything else float16), streamed layer by layer; plus
+    bitwidth_map.json when the bits differ between layers. Same interface as the shard writer."""
+
+    FILE = "pytorch_model.bin"
+
+    def __init__(self, out_dir: Path, checkpoint: Checkpoint, model_layout: LayerLayout, bits: list[int],
+                 group_size: int):
+        self.out_dir, self.bits = out_dir, bits
+        plan: list[tuple[str, TensorMeta]] = []
+        for name in model_layout.outside:
+            plan.append((name, _as_stored(checkpoint.tensors[name])))
+        self.tied_source = tied_embedding(checkpoint, model_layout)
+        if self.tied_source:  # the fork's state dict names the tied head too; DecDEC's loader reads it
+            plan.append(("lm_head.weight", _as_stored(checkpoint.tensors[self.tied_source])))
+        linear_names = set()
+        for layer in model_layout.layers:
+            linear_names.update(layer.linears.values())
+            for name in sorted([*layer.linears.values(), *layer.others.values()]):
+                info = checkpoint.tensors[name]
+                if name in linear_names:
+                    base = name[: -len(".weight")]
+                    plan += [(f"{base}.{key}", meta)
+                             for key, meta in layout(info.shape, bits[layer.index], group_size).items()]
+                else:
+                    plan.append((name, _as_stored(info)))
+        self._state = StateDictWriter(out_dir / self.FILE, plan)
+        self.expected, self.total_size = self._state.expected, self._state.total_size
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._state.write(name, tensor)
+        if name == self.tied_source:
+            self._state.write("lm_head.weight", tensor)
+
+    def finish(self) -> None:
+        self._state.finish()
+        if len(set(self.bits)) > 1:
+            (self.out_dir / "bitwidth_map.json").write_text(
+                json.dumps({str(index): bits for index, bits in enumerate(self.bits)}, indent=1) + "\n")
+
+    def close(self) -> None:
+        self._state.close()
+
+
+def _as_stored(info: TensorInfo) -> TensorMeta:
+    return TensorMeta(info.shape, torch.float16 if info.dtype.is_floating_point else info.dtype)
+
+
+def tied_embedding(checkpoint: Checkpoint, model_layout: LayerLayout) -> str | None:
+    """The input embedding's name when the checkpoint has no LM head of its own (tied weights)."""
+    if any(name.endswith("lm_head.weight") for name in model_layout.outside):
+        return None
+    return next((name for name in model_layout.outside if name.endswith("embed_tokens.weight")), None)
