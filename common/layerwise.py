@@ -162,7 +162,7 @@ class LayerwiseModel:
         for name, full in self.layer_tensor_names(index).items():
             if name not in tensors:
                 raise InputError(f"{self.checkpoint.dir}: tensor {full} is missing")
-            assign_parameter(layer, name, tensors[name].to(self.device, self.dtype))
+            assign_parameter(layer, name, tensors[name].to(self.device, self.dtype, copy=True))  # searched in place
         self._buffers_to_device(layer)
         return layer
 

@@ -59,12 +59,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, intermediate_size: int = 128,
                 num_layers: int = 2, num_heads: int = 4, max_positions: int = 512, **overrides):
     from transformers import AutoConfig
-    settings = {**FAMILIES[family], **overrides}
+    settings = {"tie_word_embeddings": False, **FAMILIES[family], **overrides}
     model_type = settings.pop("model_type")
     return AutoConfig.for_model(
         model_type, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=1, **settings)
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, **settings)
 
 
 def plant_outliers(model: torch.nn.Module, channels: tuple[int, ...] = (3, 17, 40), factor: float = 25.0) -> None:
