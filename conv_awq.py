@@ -139,8 +139,9 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
         transforms = [LayerTransforms() for _ in layout.layers]
     if args.dump_awq:
         check_free_space([(Path(args.dump_awq), results_bytes(checkpoint, layout), "--dump_awq")])
+    started = time.time()
     search = start_search(args, checkpoint, layout, model_dir, device) if args.run_awq else None
-    started, search_seconds = time.time(), 0.0
+    set_up, search_seconds = time.time() - started, 0.0
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
         nonlocal search_seconds
@@ -172,8 +173,12 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
         from common.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     total = time.time() - started
-    times = (f"search {search_seconds:.1f} s, reading/writing/quantizing {total - search_seconds:.1f} s"
-             if search is not None else f"reading/writing/quantizing {total:.1f} s")
+    times = f"reading, quantizing, writing {total - set_up - search_seconds:.1f} s"
+    if search is not None:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.times.items() if k != "outside the search")
+        times += f"; calibration set-up {set_up:.1f} s; search {search_seconds:.1f} s ({stages})"
+    if device.type == "cuda":
+        times += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return len(layout.layers), times
 
 

@@ -9,6 +9,7 @@ into the block with `functional_call`, never copied through state dicts.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -179,13 +180,32 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, quantize: Quantize, group
     return torch.cat(limits)
 
 
+class StageTimes(dict):
+    """Seconds per stage, summed over layers (the device synchronised at each boundary)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self._mark = device, time.time()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.time()
+        self[stage] = self.get(stage, 0.0) + now - self._mark
+        self._mark = now
+
+
 @torch.no_grad()
 def search_layer(model: LayerwiseModel, index: int, layer: nn.Module, inputs: list[LayerInputs], bits: int,
-                 group_size: int, zero_point: bool) -> tuple[LayerTransforms, list[LayerInputs]]:
+                 group_size: int, zero_point: bool, times: StageTimes | None = None
+                 ) -> tuple[LayerTransforms, list[LayerInputs]]:
     """One layer's AWQ entries (scales and clips, float32 on the CPU) and the next layer's inputs."""
+    times = times or StageTimes(model.device)
     where = f"{model.checkpoint.dir}: layer {index}"
     groups = scale_groups(layer, where)
+    times.lap("load")
     recorded, outputs = record_linear_inputs(layer, lambda: model.run_layer(index, layer, inputs))
+    times.lap("forward")
     chunk_kwargs, start = [], 0
     for item in inputs:
         kwargs = {k: v for k, v in item.per_layer[index][1].items() if k != "use_cache"}
@@ -202,9 +222,11 @@ def search_layer(model: LayerwiseModel, index: int, layer: nn.Module, inputs: li
                 recorded[name].div_(scales)
                 divided.add(id(recorded[name]))
         transforms.scales.append((group.prev, list(group.linears), scales.float().cpu()))
+    times.lap("scales")
     for name, module in layer.named_modules():
         if isinstance(module, nn.Linear) and not any(part in name for part in NOT_CLIPPED):
             transforms.clips[name] = search_clip(module.weight, recorded[name], quantize, group_size).float().cpu()
+    times.lap("clips")
     return transforms, outputs
 
 
@@ -214,6 +236,7 @@ class LayerwiseSearch:
     def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, blocks: torch.Tensor, device: torch.device,
                  dtype: torch.dtype, blocks_per_batch: int, trust_remote_code: bool = False):
         self.model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
+        self.times = StageTimes(device)
         try:
             for index, layer in enumerate(self.model.layers):  # weights are on `meta`: shapes only
                 scale_groups(layer, f"{checkpoint.dir}: layer {index}")
@@ -225,10 +248,11 @@ class LayerwiseSearch:
     def layer(self, index: int, tensors: dict[str, torch.Tensor], bits: int, group_size: int,
               zero_point: bool) -> LayerTransforms:
         """Search layer `index` given its weights (parameter name in the layer -> tensor)."""
+        self.times.lap("outside the search")
         layer = self.model.load_layer_from(index, tensors)
         try:
             transforms, self.inputs = search_layer(self.model, index, layer, self.inputs, bits, group_size,
-                                                   zero_point)
+                                                   zero_point, self.times)
         finally:
             self.model.unload_layer(index)
         return transforms

@@ -4,12 +4,10 @@ decoded back to the fake-quantized weights, per-layer bits, and every bad input.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.calibration import sample_awq_blocks
