@@ -21,6 +21,7 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -140,11 +141,17 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     if args.dump_awq:
         check_free_space([(Path(args.dump_awq), results_bytes(checkpoint, layout), "--dump_awq")])
     started = time.time()
-    search = start_search(args, checkpoint, layout, model_dir, device) if args.run_awq else None
-    set_up, search_seconds = time.time() - started, 0.0
+    set_up_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="awq-set-up")
+    # the calibration set-up (imports, tokenizer, embeddings) overlaps the first reads and writes
+    pending_search = set_up_pool.submit(start_search, args, checkpoint, layout, model_dir, device) \
+        if args.run_awq else None
+    search, set_up, search_seconds = None, 0.0, 0.0
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
-        nonlocal search_seconds
+        nonlocal search, set_up, search_seconds
+        if pending_search is not None and search is None:
+            search = pending_search.result()
+            set_up = time.time() - started
         for name, tensor in tensors.items():  # weights are used as float16 values (SPEC §2)
             fits, problem = float16_check(tensor, tensor.half(), f"{checkpoint.dir}: layer {index} {name}")
             if not fits:
@@ -166,17 +173,19 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
                       writer_for=writer_for)
     finally:
-        if search is not None:
-            search.close()
+        set_up_pool.shutdown(wait=True)
+        if pending_search is not None and pending_search.exception() is None:
+            pending_search.result().close()
     if args.dump_awq:
         from common.awq_search import results_entries
         from common.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     total = time.time() - started
-    times = f"reading, quantizing, writing {total - set_up - search_seconds:.1f} s"
+    times = f"reading, quantizing, writing {total - search_seconds:.1f} s"
     if search is not None:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.times.items() if k != "outside the search")
-        times += f"; calibration set-up {set_up:.1f} s; search {search_seconds:.1f} s ({stages})"
+        times += (f" (calibration set-up alongside: {set_up:.1f} s until layer 0); search {search_seconds:.1f} s "
+                  f"({stages})")
     if device.type == "cuda":
         times += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return len(layout.layers), times

@@ -167,7 +167,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, quantize: Quantize, group
         reference = torch.bmm(x_groups, w.permute(1, 2, 0))  # [groups, n, rows]
         original_max = w.abs().amax(dim=-1, keepdim=True)  # [rows, groups, 1]
         best = original_max.clone()
-        best_err = torch.full_like(original_max, 1e9)  # as the fork: inf in float16
+        best_err = torch.ones_like(original_max) * 1e9  # as the fork: inf in float16
         for step in range(CLIP_STEPS):
             limit = original_max * (1 - step / (2 * CLIP_STEPS))
             trial = quantize(torch.clamp(w, -limit, limit))

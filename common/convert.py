@@ -7,6 +7,7 @@ into pre-planned safetensors shards. Every output appears only when complete.
 """
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +23,9 @@ from common.prefetch import prefetched
 
 # (layer index, {local tensor name: float32 tensor on the device}, extras) -> {output: {local name: tensor}}
 LayerTransform = Callable[[int, dict[str, torch.Tensor], Any], dict[str, dict[str, torch.Tensor]]]
+
+
+WRITE_BEHIND = 2  # layers whose outputs may wait to be written (host memory: about that many layers)
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,7 +82,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                     writers[key].write(name, tensor)
 
         steps = range(len(layout.layers))
-        pending: Future | None = None
+        pending: deque[Future] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as write_pool:
             # one layer read ahead: enough to keep the disk busy, and host memory stays ~3 layers
             for index, (raw, extras) in progress(prefetched(steps, read_layer, depth=1), desc="layers",
@@ -89,10 +93,10 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                 outputs = {key: {prefix + local: tensor.to(writers[key].expected[prefix + local][1]).cpu()
                                  for local, tensor in produced.items()} for key, produced in results.items()}
                 del tensors, results
-                if pending is not None:
-                    pending.result()  # one layer is written while the next is computed
-                pending = write_pool.submit(write_layer, outputs)
-            if pending is not None:
-                pending.result()
+                while len(pending) >= WRITE_BEHIND:  # later layers are computed while earlier ones are written
+                    pending.popleft().result()
+                pending.append(write_pool.submit(write_layer, outputs))
+            while pending:
+                pending.popleft().result()
         for writer in writers.values():
             writer.finish()

@@ -346,3 +346,12 @@ def test_bad_inputs(awq_models, calib_file, tmp_path, tokenizer):
     assert_input_error(result, "--calib_data pileval", "local file")
     refused("--model_path", model, "--dump_awq", tmp_path / "d.pt", fragments=("--dump_awq", "--run_awq"))
     refused("--model_path", model, fragments=("nothing to write",))
+
+
+def test_float16_search_runs_and_writes_float32_results(awq_models, calib_file, tmp_path):
+    """The fork's default dtype: limits and losses that overflow float16 must not break the search."""
+    run_awq(awq_models["llama"], calib_file, tmp_path, "--dump_awq", tmp_path / "awq.pt", "--dtype", "float16")
+    results = torch.load(tmp_path / "awq.pt", weights_only=True)
+    assert len(results["scale"]) == 6 and len(results["clip"]) == 10
+    for entry in [e[2] for e in results["scale"]] + [e[1] for e in results["clip"]]:
+        assert entry.dtype == torch.float32 and torch.isfinite(entry).all() and (entry > 0).all()
