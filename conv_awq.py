@@ -26,12 +26,13 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from common.awq import (LayerTransforms, apply_scales, fake_quantize_linear, load_bit_widths,  # noqa: E402
-                        load_results, quantize_groups, split_by_layer)
+from common.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
+                        load_bit_widths, load_results, split_by_layer)
+from common.awq_search import start_search  # noqa: E402
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
-from common.layers import check_seq_len, find_layers  # noqa: E402
+from common.layers import find_layers  # noqa: E402
 from common.model_files import Checkpoint, float16_check, resolve_model_dir  # noqa: E402
 from common.model_writer import parse_size  # noqa: E402
 from common.outputs import check_free_space, claimed_outputs  # noqa: E402
@@ -131,7 +132,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     """Write every output; returns the number of decoder layers and where the time went."""
     checkpoint = Checkpoint(model_dir, "--model_path")
     layout = find_layers(checkpoint)
-    check_linears(checkpoint, layout, args)
+    check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=bool(args.real_output))
     bits = load_bit_widths(Path(args.bit_pt), len(layout.layers)) if args.bit_pt else [args.w_bit] * len(layout.layers)
     if args.awq_results:
         path = Path(args.awq_results)
@@ -143,8 +144,9 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     started = time.time()
     set_up_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="awq-set-up")
     # the calibration set-up (imports, tokenizer, embeddings) overlaps the first reads and writes
-    pending_search = set_up_pool.submit(start_search, args, checkpoint, layout, model_dir, device) \
-        if args.run_awq else None
+    pending_search = set_up_pool.submit(start_search, checkpoint, layout, device, args.calib_data, args.text_column,
+                                        args.n_samples, args.seqlen, DTYPES[args.dtype], args.batch_size,
+                                        args.trust_remote_code) if args.run_awq else None
     search, set_up, search_seconds = None, 0.0, 0.0
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
@@ -161,8 +163,9 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
             begin = time.time()
             transforms[index] = search.layer(index, tensors, bits[index], args.q_group_size, not args.no_zero_point)
             search_seconds += time.time() - begin
-        return layer_outputs(index, tensors, transforms[index], sorted(layout.layers[index].linears), bits[index],
-                             args, set(outputs), str(checkpoint.dir))
+        quantizer = Quantizer(bits[index], args.q_group_size, not args.no_zero_point)
+        return layer_outputs(tensors, transforms[index], sorted(layout.layers[index].linears), quantizer,
+                             set(outputs), f"{checkpoint.dir}: layer {index}")
 
     writer_for = {}
     if "real" in outputs:
@@ -191,70 +194,9 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     return len(layout.layers), times
 
 
-def check_linears(checkpoint: Checkpoint, layout, args: argparse.Namespace) -> None:
-    """Every Linear must split into whole groups (and, for --real_output, whole int32 words)."""
-    from common.lutgemm import check_shape
-    for layer in layout.layers:
-        for name in layer.linears.values():
-            shape = checkpoint.tensors[name].shape
-            if args.q_group_size > 0 and shape[1] % args.q_group_size:
-                raise InputError(f"{checkpoint.dir}: tensor {name} has {shape[1]} input channels, not divisible "
-                                 f"by --q_group_size {args.q_group_size}")
-            if args.real_output:
-                try:
-                    check_shape(name, shape, args.q_group_size)
-                except InputError as error:
-                    raise InputError(f"{checkpoint.dir}: {error}") from None
-
-
 def results_bytes(checkpoint: Checkpoint, layout) -> int:
     """A bound on the results file: a float32 scale per input channel and clip per row of each Linear."""
     return 4 * sum(sum(checkpoint.tensors[n].shape) for layer in layout.layers for n in layer.linears.values())
-
-
-def start_search(args: argparse.Namespace, checkpoint: Checkpoint, layout, model_dir: Path, device: torch.device):
-    """Calibration blocks (SPEC §7.1) and the layer-by-layer search over them."""
-    from common.awq_search import LayerwiseSearch
-    from common.calibration import load_texts, sample_awq_blocks
-    from common.layerwise import load_tokenizer
-    check_seq_len(checkpoint, args.seqlen, "--seqlen")
-    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
-    texts = load_texts(args.calib_data, args.text_column, flag="--calib_data", keep_empty=True)
-    blocks = sample_awq_blocks(texts, tokenizer.encode, args.n_samples, args.seqlen)
-    return LayerwiseSearch(checkpoint, layout, blocks, device, DTYPES[args.dtype], args.batch_size,
-                           args.trust_remote_code)
-
-
-def layer_outputs(index: int, tensors: dict[str, torch.Tensor], transforms: LayerTransforms, linears: list[str],
-                  bits: int, args: argparse.Namespace, wanted: set[str], where: str) -> dict[str, dict]:
-    """One layer of each output from its float16-valued weights and its AWQ entries."""
-    apply_scales(tensors, transforms)
-    scaled = {name: t.half() for name, t in tensors.items()}
-    if transforms.scales:
-        for name, tensor in scaled.items():
-            fits, problem = float16_check(tensors[name], tensor,
-                                          f"{where}: layer {index} {name} after scaling by the AWQ results")
-            if not fits:
-                raise InputError(problem())
-    results: dict[str, dict] = {"scaled": scaled}
-    if "fakequant" in wanted:
-        results["fakequant"] = dict(scaled)
-        for module in linears:
-            results["fakequant"][f"{module}.weight"] = fake_quantize_linear(
-                scaled[f"{module}.weight"], transforms.clips.get(module), bits, args.q_group_size,
-                not args.no_zero_point)
-    if "real" in wanted:
-        from common.awq import clip_weight
-        from common.lutgemm import pack
-        results["real"] = {name: t for name, t in scaled.items()
-                           if name.removesuffix(".weight") not in linears}
-        for module in linears:
-            weight = scaled[f"{module}.weight"]
-            if module in transforms.clips:
-                weight = clip_weight(weight, transforms.clips[module])
-            packed = pack(*quantize_groups(weight, bits, args.q_group_size), bits)
-            results["real"].update({f"{module}.{key}": tensor for key, tensor in packed.items()})
-    return {key: results[key] for key in wanted}
 
 
 if __name__ == "__main__":

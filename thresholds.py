@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, device, started: float) -> int:
     """Everything after the checks of the arguments, while this run holds the output."""
     import torch
-    from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
+    from common.calibration import draw_samples, load_texts
     from common.layers import check_seq_len, find_layers
     from common.layerwise import load_tokenizer
     from common.model_files import Checkpoint
@@ -102,8 +102,7 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
     check_free_space([(target, 4 * in_features + (1 << 20), "thresholds.pt")])
     tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     texts = load_texts(args.dataset, args.text_column)
-    sampler = sample_reference if args.sampling == "reference" else sample_concat
-    samples = sampler(texts, tokenize_with(tokenizer), args.seq_len, args.num_examples, args.random_state)
+    samples = draw_samples(texts, tokenizer, args.sampling, args.seq_len, args.num_examples, args.random_state)
     loaded = time.time()
 
     thresholds = calibrate(checkpoint, layout, samples, device, getattr(torch, args.dtype), args.batch_size,
@@ -124,29 +123,17 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
 def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust_remote_code: bool = False,
               quiet: bool = True) -> list[dict]:
     """thresholds.pt's content: one dict module -> float32 [in] per decoder layer."""
-    from common.activation_stats import SortedInputMaxima
+    from common.activation_stats import layer_thresholds
     from common.layerwise import LayerwiseModel
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
-    chunk_elements = (32 << 20) if device.type == "cuda" else (4 << 20)
     try:
         inputs = model.capture_inputs(list(samples.split(batch_size)))
         thresholds = []
         for index in progress(range(len(layout.layers)), quiet, "thresholds layers"):
             layer = model.load_layer(index)
             model.prefetch(index + 1)
-            stats = SortedInputMaxima(layer, chunk_elements)
-            outputs = []
-            for item in inputs:
-                outputs += model.run_layer(index, layer, [item])
-                stats.end_batch()
-            maxima = stats.close()
-            expected = set(layout.layers[index].linears)
-            if set(maxima) != expected:
-                missing = sorted(expected - set(maxima)) or sorted(set(maxima) - expected)
-                raise InputError(f"{checkpoint.dir}: layer {index} module {missing[0]} is not an nn.Linear "
-                                 "that ran during the forward pass; this architecture is not supported")
-            thresholds.append(dict(sorted(maxima.items())))
-            inputs = outputs
+            maxima, inputs = layer_thresholds(model, index, layer, inputs, set(layout.layers[index].linears))
+            thresholds.append(maxima)
             model.unload_layer(index)
     finally:
         model.close()

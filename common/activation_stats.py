@@ -5,8 +5,15 @@ sorted in chunks so the sort's workspace stays bounded whatever the batch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+from common.errors import InputError
+
+if TYPE_CHECKING:
+    from common.layerwise import LayerInputs, LayerwiseModel
 
 FP16_MAX = 65504.0
 
@@ -52,6 +59,48 @@ class SortedInputMaxima:
             handle.remove()
         self._last = None
         return {name: values.float().cpu() for name, values in self.maxima.items()}
+
+
+def chunk_elements_for(device: torch.device) -> int:
+    """Elements sorted at once: bounds the sort's workspace (larger on a GPU)."""
+    return (32 << 20) if device.type == "cuda" else (4 << 20)
+
+
+@torch.no_grad()
+def layer_thresholds(model: "LayerwiseModel", index: int, layer: nn.Module, inputs: list["LayerInputs"],
+                     expected: set[str]) -> tuple[dict[str, torch.Tensor], list["LayerInputs"]]:
+    """One layer's thresholds.pt entry (module -> float32 [in], sorted by name) and the next
+    layer's inputs, from running `layer` over every batch of `inputs`."""
+    stats = SortedInputMaxima(layer, chunk_elements_for(model.device))
+    outputs: list = []
+    for item in inputs:
+        outputs += model.run_layer(index, layer, [item])
+        stats.end_batch()
+    maxima = stats.close()
+    if set(maxima) != expected:
+        missing = sorted(expected - set(maxima)) or sorted(set(maxima) - expected)
+        raise InputError(f"{model.checkpoint.dir}: layer {index} module {missing[0]} is not an nn.Linear "
+                         "that ran during the forward pass; this architecture is not supported")
+    return dict(sorted(maxima.items())), outputs
+
+
+class LayerwiseThresholds:
+    """thresholds.py's layer loop, fed one layer's weights at a time (the one pass's stage)."""
+
+    def __init__(self, model: "LayerwiseModel", samples: torch.Tensor, batch_size: int):
+        self.model = model
+        self.inputs = model.capture_inputs(list(samples.split(batch_size)))
+        self.entries: list[dict[str, torch.Tensor]] = []
+
+    def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Run layer `index` with these weights (parameter name in the layer -> tensor)."""
+        layer = self.model.load_layer_from(index, tensors)
+        try:
+            maxima, self.inputs = layer_thresholds(self.model, index, layer, self.inputs,
+                                                   set(self.model.layout.layers[index].linears))
+        finally:
+            self.model.unload_layer(index)
+        self.entries.append(maxima)
 
 
 def clamp_to_fp16(thresholds: list[dict[str, torch.Tensor]]) -> list[str]:

@@ -202,3 +202,59 @@ def split_by_layer(results: dict, path: Path, checkpoint: Checkpoint, layout: La
             raise InputError(f"--awq_results {path}: clip max_val for {name} holds NaN or Inf")
         per_layer[index].clips[local] = max_val
     return per_layer
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How one layer's Linears are quantized."""
+    bits: int
+    group_size: int
+    zero_point: bool = True
+
+
+def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms, linears: list[str],
+                  quantizer: Quantizer, wanted: set[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One layer of each output asked for ('scaled', 'fakequant', 'real': LUT-GEMM tensors), from
+    the layer's float16-valued weights (float32 tensors, name in the layer -> tensor; scaled in place)
+    and its AWQ entries."""
+    from common.lutgemm import pack
+    from common.model_files import float16_check
+    apply_scales(tensors, transforms)
+    scaled = {name: t.half() for name, t in tensors.items()}
+    if transforms.scales:
+        for name, tensor in scaled.items():
+            fits, problem = float16_check(tensors[name], tensor, f"{where} {name} after scaling by the AWQ results")
+            if not fits:
+                raise InputError(problem())
+    results: dict[str, dict[str, torch.Tensor]] = {"scaled": scaled}
+    if "fakequant" in wanted:
+        results["fakequant"] = dict(scaled)
+        for module in linears:
+            results["fakequant"][f"{module}.weight"] = fake_quantize_linear(
+                scaled[f"{module}.weight"], transforms.clips.get(module), quantizer.bits, quantizer.group_size,
+                quantizer.zero_point)
+    if "real" in wanted:
+        results["real"] = {name: t for name, t in scaled.items() if name.removesuffix(".weight") not in linears}
+        for module in linears:
+            weight = scaled[f"{module}.weight"]
+            if module in transforms.clips:
+                weight = clip_weight(weight, transforms.clips[module])
+            packed = pack(*quantize_groups(weight, quantizer.bits, quantizer.group_size), quantizer.bits)
+            results["real"].update({f"{module}.{key}": tensor for key, tensor in packed.items()})
+    return {key: results[key] for key in wanted}
+
+
+def check_quantizable(checkpoint: Checkpoint, layout: LayerLayout, group_size: int, lutgemm: bool) -> None:
+    """Every Linear must split into whole groups (and, for the LUT-GEMM checkpoint, whole int32 words)."""
+    from common.lutgemm import check_shape
+    for layer in layout.layers:
+        for name in layer.linears.values():
+            shape = checkpoint.tensors[name].shape
+            if group_size > 0 and shape[1] % group_size:
+                raise InputError(f"{checkpoint.dir}: tensor {name} has {shape[1]} input channels, not divisible "
+                                 f"by --q_group_size {group_size}")
+            if lutgemm:
+                try:
+                    check_shape(name, shape, group_size)
+                except InputError as error:
+                    raise InputError(f"{checkpoint.dir}: {error}") from None

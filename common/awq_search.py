@@ -261,6 +261,20 @@ class LayerwiseSearch:
         self.model.close()
 
 
+def start_search(checkpoint: Checkpoint, layout: LayerLayout, device: torch.device, calib_data: str,
+                 text_column: str | None, n_samples: int, seqlen: int, dtype: torch.dtype, blocks_per_batch: int,
+                 trust_remote_code: bool = False) -> LayerwiseSearch:
+    """Calibration blocks (SPEC §7.1) from --calib_data, and the layer-by-layer search over them."""
+    from common.calibration import load_texts, sample_awq_blocks
+    from common.layers import check_seq_len
+    from common.layerwise import load_tokenizer
+    check_seq_len(checkpoint, seqlen, "--seqlen")
+    tokenizer = load_tokenizer(checkpoint.dir, trust_remote_code)
+    texts = load_texts(calib_data, text_column, flag="--calib_data", keep_empty=True)
+    blocks = sample_awq_blocks(texts, tokenizer.encode, n_samples, seqlen)
+    return LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code)
+
+
 def results_entries(transforms: list[LayerTransforms], layout: LayerLayout) -> dict:
     """The --dump_awq file's content (SPEC §7.5): full module names, layers in order."""
     results: dict = {"scale": [], "clip": []}

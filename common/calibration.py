@@ -192,6 +192,13 @@ def tokenize_with(tokenizer) -> Tokenize:
     return lambda text: tokenizer(text, return_tensors="pt").input_ids[0]
 
 
+def draw_samples(texts: list[str], tokenizer, sampling: str, seq_len: int, num_examples: int,
+                 seed: int) -> torch.Tensor:
+    """thresholds.py's calibration samples: `sampling` is "reference" or "concat"."""
+    sampler = sample_reference if sampling == "reference" else sample_concat
+    return sampler(texts, tokenize_with(tokenizer), seq_len, num_examples, seed)
+
+
 def sample_reference(texts: list[str], tokenize: Tokenize, seq_len: int, num_examples: int,
                      seed: int) -> torch.Tensor:
     """[num_examples, seq_len] token ids drawn exactly as the reference scripts draw them.

@@ -71,6 +71,18 @@ def fused_groups(modules: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def check_packable(checkpoint: Checkpoint, layout: LayerLayout) -> None:
+    """Input error unless every Linear is floating point with a multiple of 8 output rows."""
+    for layer in layout.layers:
+        for name in layer.linears.values():
+            info = checkpoint.tensors[name]
+            if not info.dtype.is_floating_point:
+                raise InputError(f"{checkpoint.dir}: tensor {name} has dtype {info.dtype}, expected floating point")
+            if info.shape[0] % 8:
+                raise InputError(f"{checkpoint.dir}: tensor {name} has {info.shape[0]} output rows, "
+                                 "not a multiple of 8 (the cheatsheet packs 8 rows per int32)")
+
+
 class PairedModels:
     """The original and fake-quantized checkpoints, validated against each other up front."""
 
@@ -79,14 +91,7 @@ class PairedModels:
         self.layout: LayerLayout = find_layers(original)
         self.quantized_layout: LayerLayout = find_layers(quantized)
         check_same_layers(original, self.layout, quantized, self.quantized_layout)
-        for layer in self.layout.layers:
-            for module, name in layer.linears.items():
-                info = original.tensors[name]
-                if not info.dtype.is_floating_point:
-                    raise InputError(f"{original.dir}: tensor {name} has dtype {info.dtype}, expected floating point")
-                if info.shape[0] % 8:
-                    raise InputError(f"{original.dir}: tensor {name} has {info.shape[0]} output rows, "
-                                     "not a multiple of 8 (the cheatsheet packs 8 rows per int32)")
+        check_packable(original, self.layout)
 
     def shape(self, layer: int, module: str) -> tuple[int, int]:
         return self.original.tensors[self.layout.layers[layer].linears[module]].shape  # type: ignore[return-value]
@@ -101,11 +106,17 @@ class PairedModels:
 
 def output_layout(models: PairedModels, options: CheatsheetOptions, kind: str) -> list[dict]:
     """The structure of one output file, with TensorMeta leaves (known before any compute)."""
+    return cheatsheet_layout(models.layout.layers, models.shape, options, kind)
+
+
+def cheatsheet_layout(layers: list[DecoderLayer], shape: Callable[[int, str], tuple[int, int]],
+                      options: CheatsheetOptions, kind: str = "cheatsheet") -> list[dict]:
+    """`output_layout` for any model: `shape(layer index, module)` gives a Linear's [out, in]."""
     layout = []
-    for layer in models.layout.layers:
+    for layer in layers:
         entry: dict = {}
         for module in sorted(layer.linears):
-            out_features, in_features = models.shape(layer.index, module)
+            out_features, in_features = shape(layer.index, module)
             if kind == "cheatsheet":
                 entry[module] = {"reordered_scales": TensorMeta((out_features,), torch.float16),
                                  "cheatsheet": TensorMeta((in_features, out_features // 8), torch.int32)}
@@ -113,8 +124,8 @@ def output_layout(models: PairedModels, options: CheatsheetOptions, kind: str) -
                 entry[module] = TensorMeta((out_features, in_features), torch.float16)
         if kind == "cheatsheet" and options.add_fused:
             for fused, members in fused_groups(sorted(layer.linears)).items():
-                out_features = sum(models.shape(layer.index, m)[0] for m in members)
-                in_features = models.shape(layer.index, members[0])[1]
+                out_features = sum(shape(layer.index, m)[0] for m in members)
+                in_features = shape(layer.index, members[0])[1]
                 entry[fused] = {"reordered_scales": TensorMeta((out_features,), torch.float16),
                                 "cheatsheet": TensorMeta((in_features, out_features // 8), torch.int32)}
         layout.append(dict(sorted(entry.items())))  # item_for_output walks modules sorted too
@@ -293,16 +304,10 @@ def _compute_layers(models: PairedModels, parts: PartStore, options: CheatsheetO
                     last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
                     yield layer_results.layer.index, layer_results.modules
                 layer_results = LayerResults(layer)
-            raw_o, raw_q = raw_o.to(device, non_blocking=True), raw_q.to(device, non_blocking=True)
-            weight_o, weight_q = raw_o.half(), raw_q.half()
-            name_o = layer.linears[module]
             name_q = models.quantized_layout.layers[layer.index].linears[module]
-            outputs = residual_outputs(weight_o, weight_q, options)
-            layer_results.check(*float16_check(raw_o, weight_o, f"{models.original.dir}: tensor {name_o}"))
-            layer_results.check(*float16_check(raw_q, weight_q, f"{models.quantized.dir}: tensor {name_q}"))
-            layer_results.check(outputs.pop("finite"), f"{models.quantized.dir}: tensor {name_q} differs from "
-                                "the original by more than float16 can hold")
-            layer_results.modules[module] = outputs
+            layer_results.add_linear(module, raw_o.to(device, non_blocking=True), raw_q.to(device, non_blocking=True),
+                                     options, f"{models.original.dir}: tensor {layer.linears[module]}",
+                                     f"{models.quantized.dir}: tensor {name_q}")
         if layer_results.layer is not None:
             last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
             yield layer_results.layer.index, layer_results.modules
@@ -318,6 +323,25 @@ class LayerResults:
         self.modules: dict[str, dict[str, torch.Tensor]] = {}
         self._flags: list[torch.Tensor] = []
         self._problems: list[str | Callable[[], str]] = []
+
+    def add_linear(self, module: str, original: torch.Tensor, quantized: torch.Tensor, options: CheatsheetOptions,
+                   where_original: str, where_quantized: str) -> None:
+        """Quantize one Linear's residual (weights on the device, any float dtype, used as float16);
+        the checks that the weights fit float16 are deferred to `finish`."""
+        weight_o, weight_q = original.half(), quantized.half()
+        outputs = residual_outputs(weight_o, weight_q, options)
+        self.check(*float16_check(original, weight_o, where_original))
+        self.check(*float16_check(quantized, weight_q, where_quantized))
+        self.check(outputs.pop("finite"), f"{where_quantized} differs from the original by more than float16 can hold")
+        self.modules[module] = outputs
+
+    def finish(self, options: CheatsheetOptions) -> dict[str, dict[str, torch.Tensor]]:
+        """Check the layer (one device sync), bring it to the CPU and add the fused entries."""
+        self.raise_problems()
+        self.modules = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in self.modules.items()}
+        if options.add_fused:
+            add_fused_entries(self.modules, sorted(self.layer.linears))
+        return self.modules
 
     def check(self, flag: torch.Tensor, problem: str | Callable[[], str]) -> None:
         """Record a device flag; `problem` (a message, or a function making it) if it is false."""
@@ -335,10 +359,7 @@ class LayerResults:
 def _submit_part(results: LayerResults, options: CheatsheetOptions, parts: PartStore,
                  part_writer: ThreadPoolExecutor, last_write: Future | None) -> Future:
     """Check the layer, bring it to the CPU, add fused entries, and queue its part file."""
-    results.raise_problems()
-    results.modules = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in results.modules.items()}
-    if options.add_fused:
-        add_fused_entries(results.modules, sorted(results.layer.linears))
+    results.finish(options)
     if last_write is not None:
         last_write.result()  # at most one layer waits to be written
     return part_writer.submit(parts.write, results.layer.index, results.modules)

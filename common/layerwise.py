@@ -65,9 +65,12 @@ class LayerwiseModel:
     """A causal LM whose decoder layers live on the device one at a time."""
 
     def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, device: torch.device,
-                 dtype: torch.dtype, trust_remote_code: bool = False):
+                 dtype: torch.dtype, trust_remote_code: bool = False, via_float16: bool = False):
+        """`via_float16`: weights read from the checkpoint are rounded to float16 first, as in a
+        model directory written in float16 (what the one pass must reproduce for AWQ)."""
         from transformers import AutoConfig, AutoModelForCausalLM
         self.checkpoint, self.layout, self.device, self.dtype = checkpoint, layout, device, dtype
+        self.via_float16 = via_float16
         try:
             config = AutoConfig.from_pretrained(checkpoint.dir, trust_remote_code=trust_remote_code)
             with params_on_meta():
@@ -101,7 +104,10 @@ class LayerwiseModel:
         checkpoint = checkpoint or self.checkpoint
         if name not in checkpoint.tensors:
             raise InputError(f"{checkpoint.dir}: tensor {name} is missing")
-        return checkpoint.read_raw(name).to(self.device, self.dtype)
+        tensor = checkpoint.read_raw(name)
+        if self.via_float16 and tensor.dtype.is_floating_point:
+            tensor = tensor.half()
+        return tensor.to(self.device, self.dtype)
 
     def _load_outside_layers(self) -> None:
         """Embeddings, rotary buffers, final norm: everything but the layers and the LM head."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,50 @@ def dequantize(lut: torch.Tensor, codes: torch.Tensor, shift: int, where: str,
     if int(index.min()) < 0 or int(index.max()) >= lut.shape[1]:
         raise InputError(f"{where}: a code is out of range for a {lut.shape[1]}-entry LUT")
     return torch.gather(lut.half(), 1, index)
+
+
+@dataclass(frozen=True)
+class QuantizedFolder:
+    """An Any-Precision / SqueezeLLM folder at one bit width (codes stored for the largest)."""
+    path: Path
+    bits: int
+    shift: int
+
+    @classmethod
+    def open(cls, path: Path, bits: int | None) -> "QuantizedFolder":
+        widths = lut_bit_widths(path)
+        if bits is None and len(widths) > 1:
+            raise InputError(f"--quantized_path {path}: holds lut_{{{','.join(map(str, widths))}}}; "
+                             "choose one with --bits")
+        bits = bits if bits is not None else widths[0]
+        if bits not in widths:
+            raise InputError(f"--bits {bits}: {path} has no lut_{bits} folder (it has {widths})")
+        return cls(path, bits, max(widths) - bits)
+
+    def check_layers(self, layers: int) -> None:
+        for index in range(layers):
+            for folder in (f"lut_{self.bits}", "weights"):
+                if not (self.path / folder / f"l{index}.pt").is_file():
+                    raise InputError(f"{self.path / folder / f'l{index}.pt'}: missing (the model has {layers} layers)")
+
+    def read_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LUTs, codes) of layer `index`, module -> tensor."""
+        return (load_pickled_dict(self.path / f"lut_{self.bits}" / f"l{index}.pt"),
+                load_pickled_dict(self.path / "weights" / f"l{index}.pt"))
+
+    def fake_quantized_layer(self, index: int, tables: tuple[dict, dict], shapes: dict[str, tuple[int, int]],
+                             device: torch.device, model: Path) -> dict[str, torch.Tensor]:
+        """'<module>.weight' -> fp16 W_fq for every Linear of the layer (`shapes`: module -> [out, in])."""
+        luts, codes = tables
+        for source, table in ((f"lut_{self.bits}", luts), ("weights", codes)):
+            unknown = sorted(set(table) - set(shapes))
+            if unknown:
+                raise InputError(f"{self.path / source / f'l{index}.pt'}: {unknown[0]} is not a Linear of layer "
+                                 f"{index} of {model}")
+            missing = sorted(set(shapes) - set(table))
+            if missing:
+                raise InputError(f"{self.path / source / f'l{index}.pt'}: module {missing[0]} is missing")
+        where = f"{self.path}/{{lut_{self.bits},weights}}/l{index}.pt"
+        return {f"{module}.weight": dequantize(luts[module].to(device), codes[module].to(device), self.shift,
+                                               f"{where}: {module}", shape)
+                for module, shape in shapes.items()}

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""From the original model to a DecDEC-ready folder in one pass (SPEC §8).
+
+One read of the original model, a decoder layer at a time: quantize it (round-to-nearest, AWQ
+search or results, or a SqueezeLLM / Any-Precision folder's LUTs), and write into --output what
+DecDEC's runtime loads: cheatsheet.pt, thresholds.pt and, for rtn/awq, the LUT-GEMM checkpoint
+(pytorch_model.bin, config, tokenizer). Each file equals what the separate scripts write
+(conv_awq.py / conv_sqllm.py, cheatsheet.py --add_fused, thresholds.py) for the same inputs.
+
+Examples:
+    python decdec_setup.py --model meta-llama/Llama-3.1-8B --output ./llama3-8b-awq-w3 --method awq \\
+        --calib_data ./pile-val.jsonl.zst --dataset ./c4-sample.jsonl
+    python decdec_setup.py --model meta-llama/Llama-3.1-8B --output ./llama3-8b-sqllm3 --method sqllm \\
+        --quantized_path ./cache/packed/llama3-8b-w3 --dataset ./c4-sample.jsonl
+"""
+from __future__ import annotations
+
+import time
+
+PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.errors import InputError, run_main  # noqa: E402
+from common.readahead import start_readahead  # noqa: E402
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the original model: directory or cached hub id")
+    parser.add_argument("--output", required=True,
+                        help="the folder DecDEC's runtime loads (created; cheatsheet.pt, thresholds.pt and for "
+                             "rtn/awq the LUT-GEMM checkpoint)")
+    parser.add_argument("--method", required=True, choices=["rtn", "awq", "sqllm"], help="how to quantize")
+    quant = parser.add_argument_group("rtn / awq")
+    quant.add_argument("--w_bit", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
+                       help="weight bits (default 3)")
+    quant.add_argument("--bit_pt", default=None, help="per-layer bits, llm-awq's {layer_index: bits} file")
+    quant.add_argument("--q_group_size", type=int, default=128, help="input channels per group (default 128)")
+    awq = parser.add_argument_group("awq: earlier results, or a search")
+    awq.add_argument("--awq_results", "--load_awq", dest="awq_results", default=None,
+                     help="scales and clips of an earlier search (conv_awq.py --dump_awq or llm-awq's)")
+    awq.add_argument("--calib_data", default="pileval", help="search text: pileval (default) or a local file")
+    awq.add_argument("--calib_text_column", default=None, help="text field of a local --calib_data file")
+    awq.add_argument("--n_samples", type=int, default=128, help="search passages (default 128)")
+    awq.add_argument("--seqlen", type=int, default=512, help="search block length (default 512)")
+    awq.add_argument("--awq_dtype", choices=DTYPES, default="float16", help="dtype of the search (default float16)")
+    awq.add_argument("--dump_awq", default=None, help="also save the search's results here")
+    sqllm = parser.add_argument_group("sqllm")
+    sqllm.add_argument("--quantized_path", default=None, help="Any-Precision / SqueezeLLM folder (lut_<b>/, weights/)")
+    sqllm.add_argument("--bits", type=int, default=None, help="bit width, when the folder holds several")
+    calib = parser.add_argument_group("thresholds (as thresholds.py)")
+    calib.add_argument("--dataset", default="c4", help="named dataset or local file (default c4)")
+    calib.add_argument("--text_column", default=None, help="text field of a local --dataset file")
+    calib.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
+    calib.add_argument("--num_examples", type=int, default=100, help="samples (default 100)")
+    calib.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
+    calib.add_argument("--sampling", choices=["reference", "concat"], default="reference",
+                       help="reference (whole passages, the reference scripts' draw) or concat")
+    calib.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the thresholds forward")
+    calib.add_argument("--batch_size", type=int, default=8, help="samples per forward (default 8)")
+    calib.add_argument("--no_clamp", action="store_true", help="keep threshold values above 65504")
+    extra = parser.add_argument_group("optional outputs")
+    extra.add_argument("--scaled_output", default=None, help="also write the scaled FP16 model (rtn/awq)")
+    extra.add_argument("--fakequant_output", default=None, help="also write the fake-quantized FP16 model")
+    extra.add_argument("--no_fused", action="store_true",
+                       help="leave the fused qkv_proj / gate_up_proj cheatsheet entries out (DecDEC's end-to-end "
+                            "loader needs them for separate q/k/v models)")
+    extra.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard of the model outputs")
+    extra.add_argument("--trust_remote_code", action="store_true", help="allow the model's own Python code")
+    add_device_arg(parser)
+    add_output_args(parser)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.method == "sqllm":
+        if not args.quantized_path:
+            raise InputError("--method sqllm needs --quantized_path (the Any-Precision / SqueezeLLM folder)")
+        if args.scaled_output or args.awq_results or args.dump_awq or args.bit_pt:
+            raise InputError("--method sqllm takes no --scaled_output, --awq_results, --dump_awq or --bit_pt")
+    else:
+        if args.quantized_path or args.bits is not None:
+            raise InputError(f"--quantized_path and --bits belong to --method sqllm, not {args.method}")
+        if args.q_group_size == 0 or args.q_group_size < -1:
+            raise InputError(f"--q_group_size {args.q_group_size}: must be positive, or -1 for whole rows")
+    if args.method != "awq" and (args.awq_results or args.dump_awq):
+        raise InputError("--awq_results and --dump_awq belong to --method awq")
+    if args.awq_results and args.dump_awq:
+        raise InputError("--dump_awq saves a search; with --awq_results there is none")
+    for flag in ("n_samples", "seqlen", "seq_len", "num_examples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start_readahead([Path(args.model)], skip=("lm_head",) if args.method == "sqllm" else ())
+    check_args(args)
+    from common.model_files import resolve_model_dir
+    from common.outputs import claimed_outputs
+    device = pick_device(args.device)
+    model_dir = resolve_model_dir(args.model, "--model")
+    output = Path(args.output)
+    outputs = {"folder": output, **{key: Path(getattr(args, f"{key}_output")) for key in ("scaled", "fakequant")
+                                    if getattr(args, f"{key}_output")}}
+    claimed = [("--output", output)] + [(f"--{key}_output", path) for key, path in outputs.items() if key != "folder"]
+    if args.dump_awq:
+        claimed.append(("--dump_awq", Path(args.dump_awq)))
+    files = {flag: Path(value).expanduser() for flag, value in (
+        ("--awq_results", args.awq_results), ("--bit_pt", args.bit_pt), ("--quantized_path", args.quantized_path),
+        ("--calib_data", args.calib_data if args.method == "awq" and not args.awq_results else None),
+        ("--dataset", args.dataset)) if value}
+    inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
+    with claimed_outputs(claimed, inputs, args.overwrite):
+        summary = run(args, model_dir, outputs, device)
+    written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
+    report_written(written, summary)
+    if args.method == "sqllm":
+        print(f"DecDEC's runtime loads SqueezeLLM models from the Any-Precision packed folder: copy "
+              f"{output / 'cheatsheet.pt'} and {output / 'thresholds.pt'} next to its weights "
+              f"({args.quantized_path})", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device) -> str:
+    """The pass itself, while this run holds the outputs; returns the summary line."""
+    import torch
+    from common.activation_stats import LayerwiseThresholds
+    from common.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
+    from common.awq_search import StageTimes, start_search
+    from common.calibration import draw_samples, load_texts
+    from common.cheatsheet_build import CheatsheetOptions, check_packable
+    from common.convert import convert_model
+    from common.layers import check_seq_len, find_layers
+    from common.layerwise import LayerwiseModel, load_tokenizer
+    from common.lutgemm import CheckpointWriter
+    from common.model_files import Checkpoint
+    from common.model_writer import parse_size
+    from common.one_pass import OnePass, SetupFolderWriter
+    from common.sqllm import QuantizedFolder
+    checkpoint = Checkpoint(model_dir, "--model")
+    layout = find_layers(checkpoint)
+    check_packable(checkpoint, layout)
+    layers = len(layout.layers)
+    sqllm, quantizers, transforms, search = None, [], [], None
+    if args.method == "sqllm":
+        sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
+        sqllm.check_layers(layers)
+    else:
+        check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=True)
+        bits = load_bit_widths(Path(args.bit_pt), layers) if args.bit_pt else [args.w_bit] * layers
+        quantizers = [Quantizer(b, args.q_group_size) for b in bits]
+        transforms = [LayerTransforms() for _ in range(layers)]
+        if args.awq_results:
+            transforms = split_by_layer(load_results(Path(args.awq_results)), Path(args.awq_results), checkpoint,
+                                        layout, args.q_group_size)
+    check_seq_len(checkpoint, args.seq_len)
+    started = time.time()
+    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
+    samples = draw_samples(load_texts(args.dataset, args.text_column), tokenizer, args.sampling, args.seq_len,
+                           args.num_examples, args.random_state)
+    thresholds_model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
+                                      via_float16=args.method == "awq")
+    try:
+        if args.method == "awq" and not args.awq_results:
+            search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column, args.n_samples,
+                                  args.seqlen, getattr(torch, args.awq_dtype), 16, args.trust_remote_code)
+        one_pass = OnePass(checkpoint, layout, args.method, LayerwiseThresholds(thresholds_model, samples,
+                                                                                args.batch_size),
+                           CheatsheetOptions(add_fused=not args.no_fused), device, quantizers, transforms, search,
+                           sqllm, {key for key in outputs if key != "folder"}, not args.no_clamp, StageTimes(device))
+        set_up = time.time() - started
+
+        def folder_writer(folder: Path) -> SetupFolderWriter:
+            lutgemm = None if sqllm else CheckpointWriter(folder, checkpoint, layout, [q.bits for q in quantizers],
+                                                         args.q_group_size)
+            return SetupFolderWriter(folder, one_pass, lutgemm)
+
+        convert_model(checkpoint, layout, outputs, one_pass.transform, device, parse_size(args.max_shard_size),
+                      args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
+                      read_extras=sqllm.read_layer if sqllm else (lambda index: None),
+                      writer_for={"folder": folder_writer})
+    finally:
+        thresholds_model.close()
+        if search is not None:
+            search.close()
+    if args.dump_awq:
+        from common.awq_search import results_entries
+        from common.torchsave import save_atomically
+        save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
+    memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+              if device.type == "cuda" else "")
+    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (calibration "
+            f"set-up {set_up:.1f} s; per layer: {stages}{memory})")
+
+
+if __name__ == "__main__":
+    run_main(main)

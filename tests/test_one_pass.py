@@ -1,0 +1,139 @@
+"""decdec_setup.py (issue 12): the one pass equals the separate scripts, artifact for artifact,
+for rtn, awq (results and search) and sqllm on Llama, Qwen2 and Phi-3; and its bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import _model_pair
+from tests.helpers import assert_input_error, run_script
+from tests.test_cheatsheet import all_tensors
+from tests.test_conv_sqllm import make_quantized_folder
+
+GROUP = 32
+THRESHOLDS = ["--seq_len", 64, "--num_examples", 8, "--sampling", "concat", "--dtype", "float32"]
+SEARCH = ["--n_samples", 24, "--seqlen", 64]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, corpus) -> Path:
+    path = tmp_path_factory.mktemp("one-pass") / "text.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in corpus) + "\n")
+    return path
+
+
+def ok(*args) -> None:
+    result = run_script(*args, "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    """Nested lists/dicts of tensors, equal to the bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, str):
+        assert a == b, where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), (where, list(a), list(b))
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}/{key}")
+    else:
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{index}]")
+
+
+def separate_scripts(model: Path, method: str, data: Path, out: Path, extra: list) -> dict[str, Path]:
+    """What a user runs today: converter, cheatsheet.py --add_fused, thresholds.py."""
+    fq, art = out / "fq", out / "artifacts"
+    if method == "sqllm":
+        ok("conv_sqllm.py", "--original_model_path", model, "--quantized_path", extra[1], "--output_path", fq)
+        original = model
+    else:
+        scaled = out / "scaled"
+        ok("conv_awq.py", "--model_path", model, "--q_group_size", GROUP, *extra, "--scaled_output", scaled,
+           "--fakequant_output", fq, "--real_output", out / "real")
+        original = scaled if method == "awq" else model
+    ok("cheatsheet.py", "--original_model", original, "--quantized_model", fq, "--save_path", art, "--add_fused")
+    ok("thresholds.py", "--model_path", original, "--save_path", art, "--dataset", data, *THRESHOLDS)
+    return {"fq": fq, "art": art, "real": out / "real", "scaled": out / "scaled"}
+
+
+def compare(one: Path, fq: Path, scaled: Path | None, expected: dict[str, Path], method: str) -> None:
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    assert_same_tree(load(one / "cheatsheet.pt"), load(expected["art"] / "cheatsheet.pt"), "cheatsheet")
+    ours, theirs = load(one / "thresholds.pt"), load(expected["art"] / "thresholds.pt")
+    assert [list(layer) for layer in ours] == [list(layer) for layer in theirs]
+    for layer_ours, layer_theirs in zip(ours, theirs):
+        for module in layer_ours:
+            assert torch.allclose(layer_ours[module], layer_theirs[module], rtol=1e-5, atol=0), module
+    first, second = all_tensors(fq), all_tensors(expected["fq"])
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if method != "sqllm":
+        assert_same_tree(load(one / "pytorch_model.bin"), load(expected["real"] / "pytorch_model.bin"), "real")
+        first, second = all_tensors(scaled), all_tensors(expected["scaled"])
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    else:
+        assert not (one / "pytorch_model.bin").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("method", ["rtn", "awq", "sqllm"])
+def test_one_pass_equals_the_separate_scripts(family, method, models_root, tokenizer, corpus_file, tmp_path):
+    original, _ = _model_pair(family, models_root, tokenizer)
+    extra: list = []
+    if method == "awq":
+        ok("conv_awq.py", "--model_path", original, "--q_group_size", GROUP, "--run_awq", "--calib_data",
+           corpus_file, "--dtype", "float32", *SEARCH, "--dump_awq", tmp_path / "awq.pt")
+        extra = ["--awq_results", tmp_path / "awq.pt"]
+    elif method == "sqllm":
+        make_quantized_folder(original, tmp_path / "sqllm")
+        extra = ["--quantized_path", tmp_path / "sqllm"]
+    expected = separate_scripts(original, method, corpus_file, tmp_path / "separate", extra)
+    one = tmp_path / "one"
+    outputs = ["--fakequant_output", tmp_path / "one-fq"] + \
+        ([] if method == "sqllm" else ["--scaled_output", tmp_path / "one-scaled", "--q_group_size", GROUP])
+    ok("decdec_setup.py", "--model", original, "--output", one, "--method", method, *extra, "--dataset", corpus_file,
+       *THRESHOLDS, *outputs)
+    compare(one, tmp_path / "one-fq", tmp_path / "one-scaled", expected, method)
+
+
+def test_awq_search_in_the_one_pass(llama_pair, corpus_file, tmp_path):
+    original, _ = llama_pair
+    search = ["--calib_data", corpus_file, "--awq_dtype", "float32", *SEARCH]
+    ok("decdec_setup.py", "--model", original, "--output", tmp_path / "one", "--method", "awq", "--q_group_size", GROUP,
+       *search, "--dump_awq", tmp_path / "one-awq.pt", "--dataset", corpus_file, *THRESHOLDS,
+       "--fakequant_output", tmp_path / "one-fq", "--scaled_output", tmp_path / "one-scaled")
+    ok("conv_awq.py", "--model_path", original, "--q_group_size", GROUP, "--run_awq", "--calib_data", corpus_file,
+       "--dtype", "float32", *SEARCH, "--dump_awq", tmp_path / "awq.pt")
+    assert_same_tree(torch.load(tmp_path / "one-awq.pt", weights_only=True),
+                     torch.load(tmp_path / "awq.pt", weights_only=True), "results")
+    expected = separate_scripts(original, "awq", corpus_file, tmp_path / "separate",
+                                ["--awq_results", tmp_path / "awq.pt"])
+    compare(tmp_path / "one", tmp_path / "one-fq", tmp_path / "one-scaled", expected, "awq")
+
+
+def test_bad_inputs(llama_pair, corpus_file, tmp_path):
+    original, _ = llama_pair
+    base = ["decdec_setup.py", "--model", original, "--output", tmp_path / "out", "--dataset", corpus_file]
+
+    def refused(*args, fragments):
+        assert_input_error(run_script(*base, *args), *fragments)
+        assert not (tmp_path / "out").exists()
+
+    refused("--method", "sqllm", fragments=("--method sqllm needs --quantized_path",))
+    refused("--method", "rtn", "--quantized_path", tmp_path, fragments=("belong to --method sqllm",))
+    refused("--method", "rtn", "--awq_results", tmp_path / "x.pt", fragments=("belong to --method awq",))
+    refused("--method", "rtn", "--q_group_size", 48, fragments=("not divisible by --q_group_size 48",))
+    refused("--method", "awq", "--awq_results", tmp_path / "missing.pt", "--q_group_size", GROUP,
+            fragments=("missing.pt", "no such file"))
+    refused("--method", "rtn", "--q_group_size", GROUP, "--seq_len", 4096, fragments=("--seq_len 4096",))
+    refused("--method", "rtn", "--q_group_size", GROUP, "--fakequant_output", original,
+            fragments=("is the input --model",))
+    torch.save({0: 3}, tmp_path / "bits.pt")
+    refused("--method", "rtn", "--q_group_size", GROUP, "--bit_pt", tmp_path / "bits.pt",
+            fragments=("no bit width for layer 1",))
+    refused("--method", "sqllm", "--quantized_path", tmp_path / "nothing", fragments=("no such directory",))
