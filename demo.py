@@ -3,10 +3,10 @@
 
 1. builds a small Llama-family model (tokenizer and weights trained briefly on text that
    ships with Python), unless --model names a real one;
-2. fake-quantizes it to 3 bit with conv_awq.py (round-to-nearest);
-3. builds cheatsheet.pt (cheatsheet.py) and thresholds.pt (thresholds.py);
-4. simulates DecDEC with evaluate.py and prints perplexity and KL to the original;
-5. says where everything is and what to run on a real model.
+2. quantizes it to 3 bit (round-to-nearest) and builds, in one pass with decdec_setup.py, the
+   folder DecDEC's runtime loads: the LUT-GEMM checkpoint, cheatsheet.pt and thresholds.pt;
+3. simulates DecDEC on that folder with evaluate.py: perplexity and KL to the original;
+4. says where everything is and what to run on a real model.
 """
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-import cheatsheet
-import conv_awq
+import decdec_setup
 import evaluate
-import thresholds
 from common.cli import pick_device, progress
 from common.errors import InputError, run_main
 from common.model_files import resolve_model_dir
@@ -112,26 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     kind = f"your model {args.model}" if args.model else "a small model trained for a few seconds"
     print(f"\n(The table above is {kind}; DecDEC's effect grows with k_chunk. "
           f"Done in {time.time() - started:.0f} s.)")
-    print(f"\nArtifacts:\n  {out / 'artifacts' / 'cheatsheet.pt'}\n  {out / 'artifacts' / 'thresholds.pt'}\n"
-          f"  fake-quantized model: {out / 'fakequant-w3'}\n  report: {out / 'results.json'}, "
-          f"{out / 'perplexity.png'}")
+    print(f"\nThe folder DecDEC's runtime loads (--backend lutgemm): {out / 'decdec'}\n"
+          f"  (pytorch_model.bin, cheatsheet.pt, thresholds.pt, config and tokenizer)\n"
+          f"  report: {out / 'results.json'}, {out / 'perplexity.png'}")
     print("\nNext, with a real model (GPU recommended; see README.md):\n"
-          "  python conv_awq.py --model_path meta-llama/Llama-3.1-8B --w_bit 3 --q_group_size 128 \\\n"
-          "      --fakequant_output ./llama3-8b-w3-fq\n"
-          "  python cheatsheet.py --original_model meta-llama/Llama-3.1-8B --quantized_model ./llama3-8b-w3-fq \\\n"
-          "      --save_path ./llama3-8b-w3-decdec\n"
-          "  python thresholds.py --model_path meta-llama/Llama-3.1-8B --save_path ./llama3-8b-w3-decdec \\\n"
-          "      --dataset c4\n"
-          "  python evaluate.py --quantized_model ./llama3-8b-w3-fq --artifacts ./llama3-8b-w3-decdec \\\n"
-          "      --original_model meta-llama/Llama-3.1-8B --k_chunks 0 8 16 32")
+          "  python decdec_setup.py --model meta-llama/Llama-3.1-8B --output ./llama3-8b-awq-w3 --method awq \\\n"
+          "      --calib_data ./pile-val.jsonl.zst --dataset ./c4-sample.jsonl --scaled_output ./llama3-8b-awq-scaled\n"
+          "  python evaluate.py --quantized_model ./llama3-8b-awq-w3 --original_model ./llama3-8b-awq-scaled \\\n"
+          "      --dataset ./wikitext2-test.txt --k_chunks 0 8 16 32")
     return 0
 
 
 def run_pipeline(args: argparse.Namespace, out: Path, model_dir: Path | None, device: torch.device) -> None:
     """Every step, writing into `out` (the temporary folder that becomes --output)."""
     common = ["--device", str(device)] + (["--quiet"] if args.quiet else [])
-    artifacts = out / "artifacts"
-    steps = Steps(4 if model_dir else 5)
+    steps = Steps(2 if model_dir else 3)
     if model_dir:
         original, data = str(model_dir), args.dataset or "wikitext2"
         calibration = evaluation = data
@@ -147,22 +140,18 @@ def run_pipeline(args: argparse.Namespace, out: Path, model_dir: Path | None, de
         original = str(build_small_model(out, training, args.train_steps, device, args.quiet))
 
     group = largest_group(original)
-    steps.start(f"fake-quantize to 3 bit, group {group} (conv_awq.py, round-to-nearest)")
-    conv_awq.main(["--model_path", original, "--w_bit", "3", "--q_group_size", str(group),
-                   "--fakequant_output", str(out / "fakequant-w3"), *common])
-    steps.start("cheatsheet.pt (cheatsheet.py)")
-    cheatsheet.main(["--original_model", original, "--quantized_model", str(out / "fakequant-w3"),
-                     "--save_path", str(artifacts), *common])
-    steps.start("thresholds.pt (thresholds.py)")
     seq_len, samples = (128, 16) if args.quick else (256, 64)
-    thresholds.main(["--model_path", original, "--save_path", str(artifacts), "--dataset", str(calibration),
-                     "--sampling", "concat", "--seq_len", str(seq_len), "--num_examples", str(samples), *common])
-    steps.start("simulate DecDEC (evaluate.py)")
+    steps.start(f"3-bit round-to-nearest (group {group}), cheatsheet.pt and thresholds.pt in one pass "
+                "(decdec_setup.py)")
+    decdec_setup.main(["--model", original, "--output", str(out / "decdec"), "--method", "rtn", "--w_bit", "3",
+                       "--q_group_size", str(group), "--dataset", str(calibration), "--sampling", "concat",
+                       "--seq_len", str(seq_len), "--num_examples", str(samples), *common])
+    steps.start("simulate DecDEC on that folder (evaluate.py)")
     windows = 8 if args.quick else 40
-    evaluate.main(["--quantized_model", str(out / "fakequant-w3"), "--artifacts", str(artifacts),
-                   "--original_model", original, "--dataset", str(evaluation), "--seq_len", str(seq_len),
-                   "--max_chunks", str(windows), "--k_chunks", *map(str, args.k_chunks),
-                   "--output", str(out / "results.json"), "--plot", str(out / "perplexity.png"), *common])
+    evaluate.main(["--quantized_model", str(out / "decdec"), "--original_model", original,
+                   "--dataset", str(evaluation), "--seq_len", str(seq_len), "--max_chunks", str(windows),
+                   "--k_chunks", *map(str, args.k_chunks), "--output", str(out / "results.json"),
+                   "--plot", str(out / "perplexity.png"), *common])
     steps.finish()
 
 

@@ -11,6 +11,8 @@ DecDEC's kernel accepts k_chunk <= 367 with fp16/bf16 activations; larger values
 are what-ifs only this simulator can run.
 
 Example:
+    python evaluate.py --quantized_model ./llama3-8b-awq-w3 \\
+        --original_model ./llama3-8b-awq-scaled --dataset ./wikitext2-test.txt --k_chunks 0 8 32 128
     python evaluate.py --quantized_model ./llama3-8b-sqllm3-fq --artifacts ./artifacts \\
         --original_model meta-llama/Llama-3.1-8B --dataset ./wikitext2-test.txt --k_chunks 0 8 32 128
 """
@@ -31,7 +33,9 @@ from common.evaluation import (Config, check_artifacts, evaluation_windows, load
                                simulate)
 from common.layers import check_same_layers, check_seq_len, find_layers
 from common.layerwise import LayerwiseModel, load_tokenizer
+from common.lutgemm import DecodedCheckpoint
 from common.model_files import Checkpoint, resolve_model_dir
+from common.sqllm import LutCheckpoint, QuantizedFolder
 from common.outputs import atomic_file, claimed_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -39,8 +43,15 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quantized_model", required=True, help="the fake-quantized FP16 model")
-    parser.add_argument("--artifacts", required=True, help="directory holding cheatsheet.pt and thresholds.pt")
+    parser.add_argument("--quantized_model", default=None,
+                        help="the fake-quantized FP16 model, or decdec_setup.py's output folder (its LUT-GEMM "
+                             "pytorch_model.bin is decoded)")
+    parser.add_argument("--quantized_path", default=None,
+                        help="instead of --quantized_model: an Any-Precision / SqueezeLLM folder, applied to "
+                             "--original_model")
+    parser.add_argument("--bits", type=int, default=None, help="bit width of --quantized_path, when it holds several")
+    parser.add_argument("--artifacts", default=None,
+                        help="directory holding cheatsheet.pt and thresholds.pt (default: --quantized_model)")
     parser.add_argument("--original_model", default=None,
                         help="the model the cheatsheet was built against (enables residual check, KL, gap closed)")
     parser.add_argument("--check", action="store_true", help="only check the artifacts, then exit")
@@ -77,15 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
-    fq_dir = resolve_model_dir(args.quantized_model, "--quantized_model")
+    if bool(args.quantized_model) == bool(args.quantized_path):
+        raise InputError("give the quantized model as --quantized_model or (SqueezeLLM) --quantized_path")
+    if args.quantized_path and not args.original_model:
+        raise InputError("--quantized_path needs --original_model (the LUTs replace its Linear weights)")
     original_dir = resolve_model_dir(args.original_model, "--original_model") if args.original_model else None
-    artifacts = Path(args.artifacts)
+    fq_dir = resolve_model_dir(args.quantized_model, "--quantized_model") if args.quantized_model else original_dir
+    if not args.artifacts and not args.quantized_model:
+        raise InputError("--artifacts: the folder holding cheatsheet.pt and thresholds.pt is needed")
+    artifacts = Path(args.artifacts or args.quantized_model)
     if not artifacts.is_dir():
         raise InputError(f"--artifacts {artifacts}: no such directory")
     if args.plot and args.check:
         raise InputError("--plot: nothing to plot with --check (it simulates nothing)")
     dataset = Path(args.dataset).expanduser()
     inputs = [("--quantized_model", fq_dir), ("--original_model", original_dir),
+              ("--quantized_path", Path(args.quantized_path) if args.quantized_path else None),
               ("--artifacts", artifacts / "cheatsheet.pt"), ("--artifacts", artifacts / "thresholds.pt"),
               ("--dataset", dataset if dataset.exists() else None)]
     outputs = [(flag, Path(path)) for flag, path in (("--output", args.output), ("--plot", args.plot)) if path]
@@ -100,7 +118,10 @@ def evaluate(args: argparse.Namespace, fq_dir: Path, original_dir: Path | None, 
              device: torch.device, dtype: torch.dtype) -> None:
     """Check the artifacts, then (unless --check) simulate; writes --output / --plot if given."""
     bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
-    fq = Checkpoint(fq_dir, "--quantized_model")
+    if args.quantized_path:
+        fq = LutCheckpoint(fq_dir, QuantizedFolder.open(Path(args.quantized_path), args.bits))
+    else:
+        fq = DecodedCheckpoint(fq_dir, "--quantized_model")
     layout = find_layers(fq)
     cheatsheet = load_artifact(artifacts / "cheatsheet.pt")
     thresholds = load_artifact(artifacts / "thresholds.pt")
@@ -166,7 +187,8 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def build_report(scores: dict, configs: list[Config], args: argparse.Namespace, windows: torch.Tensor) -> dict:
-    report: dict = {"settings": {"quantized_model": args.quantized_model, "original_model": args.original_model,
+    report: dict = {"settings": {"quantized_model": args.quantized_model or args.quantized_path,
+                                 "original_model": args.original_model,
                                  "dataset": args.dataset, "seq_len": args.seq_len, "windows": int(windows.shape[0]),
                                  "selection": args.selection}}
     if "original" in scores:

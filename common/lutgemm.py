@@ -124,3 +124,31 @@ def tied_embedding(checkpoint: Checkpoint, model_layout: LayerLayout) -> str | N
     if any(name.endswith("lm_head.weight") for name in model_layout.outside):
         return None
     return next((name for name in model_layout.outside if name.endswith("embed_tokens.weight")), None)
+
+
+class DecodedCheckpoint(Checkpoint):
+    """A model folder read as float16 weights, where a LUT-GEMM `pytorch_model.bin` (SPEC §7.6) is
+    decoded Linear by Linear on demand: the folder the runtime loads is the folder evaluated."""
+
+    def __init__(self, model_dir: Path, flag: str = "model"):
+        super().__init__(model_dir, flag)
+        self._packed: dict[str, str] = {}
+        for base in [name[: -len(".binary")] for name in self.tensors if name.endswith(".binary")]:
+            binary = self.tensors.pop(f"{base}.binary")
+            for key in ("alpha", "q_bias"):
+                if f"{base}.{key}" not in self.tensors:
+                    raise InputError(f"{binary.file}: {base}.binary has no {base}.{key}")
+                self.tensors.pop(f"{base}.{key}")
+            words, _, out_features = binary.shape
+            shape = (out_features, words * WORD_BITS)
+            self.tensors[f"{base}.weight"] = TensorInfo(f"{base}.weight", binary.file, torch.float16, shape, -1,
+                                                        2 * out_features * words * WORD_BITS)
+            self._packed[f"{base}.weight"] = base
+
+    def read_raw(self, name: str, pin: bool = False) -> torch.Tensor:
+        base = self._packed.get(name)
+        if base is None:
+            return super().read_raw(name, pin)
+        stored = self._load_bin(self.tensors[name].file)
+        weight = decode(stored[f"{base}.binary"], stored[f"{base}.alpha"], stored[f"{base}.q_bias"]).half()
+        return weight.pin_memory() if pin else weight

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from common.errors import InputError
+from common.layers import find_layers
+from common.model_files import Checkpoint
 
 _ALLOWLIST_LOCK = threading.Lock()  # torch's safe_globals context is process-wide, not per thread
 LUT_DIR = re.compile(r"^lut_(\d+)$")
@@ -138,3 +140,31 @@ class QuantizedFolder:
         return {f"{module}.weight": dequantize(luts[module].to(device), codes[module].to(device), self.shift,
                                                f"{where}: {module}", shape)
                 for module, shape in shapes.items()}
+
+
+class LutCheckpoint(Checkpoint):
+    """The original model's checkpoint read with every decoder Linear replaced by its LUT gather:
+    the fake-quantized model conv_sqllm.py would write, without writing it."""
+
+    def __init__(self, original_dir: Path, folder: QuantizedFolder, flag: str = "--original_model"):
+        super().__init__(original_dir, flag)
+        self.folder = folder
+        self.layout = find_layers(self)
+        folder.check_layers(len(self.layout.layers))
+        self._where = {name: (layer.index, module) for layer in self.layout.layers
+                       for module, name in layer.linears.items()}
+        self._lock = threading.Lock()
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def read_raw(self, name: str, pin: bool = False) -> torch.Tensor:
+        if name not in self._where:
+            return super().read_raw(name, pin)
+        index, module = self._where[name]
+        with self._lock:  # a layer's pickles are read once, whichever reader thread asks first
+            if self._cached is None or self._cached[0] != index:
+                linears = self.layout.layers[index].linears
+                shapes = {m: tuple(self.tensors[n].shape) for m, n in linears.items()}
+                self._cached = (index, self.folder.fake_quantized_layer(
+                    index, self.folder.read_layer(index), shapes, torch.device("cpu"), self.dir))
+            weight = self._cached[1][f"{module}.weight"]
+        return weight.pin_memory() if pin else weight.clone()

@@ -128,7 +128,7 @@ def test_interrupted_demo_leaves_nothing_that_blocks_the_next_run(tmp_path):
     command = [sys.executable, str(ROOT / "demo.py"), "--quick", "--output", str(out), "--quiet", "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(tmp_path.glob(".demo.tmp-*/fakequant-w3")) and time.time() < deadline:
+    while not list(tmp_path.glob(".demo.tmp-*/original/config.json")) and time.time() < deadline:
         assert process.poll() is None, "the demo ended before it could be interrupted"
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
@@ -137,14 +137,14 @@ def test_interrupted_demo_leaves_nothing_that_blocks_the_next_run(tmp_path):
     assert list(tmp_path.glob(".demo.tmp-*"))
     result = run_script("demo.py", "--quick", "--output", out, "--quiet", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "artifacts" / "cheatsheet.pt").is_file() and (out / "results.json").is_file()
+    assert (out / "decdec" / "cheatsheet.pt").is_file() and (out / "results.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # the killed run's folder is gone
     (out / "my-notes.txt").write_text("keep me")
     again = run_script("demo.py", "--quick", "--output", out, "--quiet", "--device", "cpu", "--overwrite",
                        "--train_steps", 5)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "my-notes.txt").read_text() == "keep me" and (out / "results.json").is_file()
-    assert "(cheatsheet.pt (cheatsheet.py): " in again.stderr  # each step reports its own time
+    assert "(simulate DecDEC on that folder (evaluate.py): " in again.stderr  # each step: its own time
     here = tmp_path / "cwd"
     here.mkdir()
     (here / "data.csv").write_text("a,b")

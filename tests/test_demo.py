@@ -10,12 +10,12 @@ def test_demo_runs_offline_and_decdec_helps(tmp_path):
     out = tmp_path / "demo"
     result = run_script("demo.py", "--quick", "--output", out, "--quiet", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    for path in ("artifacts/cheatsheet.pt", "artifacts/thresholds.pt", "fakequant-w3/config.json",
+    for path in ("decdec/cheatsheet.pt", "decdec/thresholds.pt", "decdec/pytorch_model.bin", "decdec/config.json",
                  "original/config.json", "results.json", "perplexity.png"):
         assert (out / path).is_file(), path
-    assert "fake-quantized" in result.stdout and "python cheatsheet.py" in result.stdout
-    check = run_script("evaluate.py", "--quantized_model", out / "fakequant-w3", "--artifacts", out / "artifacts",
-                       "--original_model", out / "original", "--check")
+    assert "fake-quantized" in result.stdout and "python decdec_setup.py" in result.stdout
+    check = run_script("evaluate.py", "--quantized_model", out / "decdec", "--original_model", out / "original",
+                       "--check")
     assert check.returncode == 0, check.stderr[-2000:]
     report = json.loads((out / "results.json").read_text())
     largest = max(report["decdec"], key=lambda e: e["k_chunk"])

@@ -99,6 +99,12 @@ def test_one_pass_equals_the_separate_scripts(family, method, models_root, token
     ok("decdec_setup.py", "--model", original, "--output", one, "--method", method, *extra, "--dataset", corpus_file,
        *THRESHOLDS, *outputs)
     compare(one, tmp_path / "one-fq", tmp_path / "one-scaled", expected, method)
+    # evaluate.py checks the folder the runtime loads, decoding its LUT-GEMM weights (or the LUTs)
+    model = ["--quantized_path", extra[1], "--artifacts", one] if method == "sqllm" else ["--quantized_model", one]
+    reference = tmp_path / "one-scaled" if method == "awq" else original
+    check = run_script("evaluate.py", *model, "--original_model", reference, "--check", "--device", "cpu")
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "residual: decoded vs exact relative error" in check.stderr
 
 
 def test_awq_search_in_the_one_pass(llama_pair, corpus_file, tmp_path):
