@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 12's GPU benchmark: decdec_setup.py on the 8B shape, cold, for rtn, sqllm and awq (with search),
+# with the read floor of the inputs measured in the same run.
+# Usage: bash bench/run_gpu_one_pass.sh [work dir] [log dir]      (about 40 GB of disk)
+set -uo pipefail
+W=${1:-/tmp/decdec-bench}
+LOG=${2:-$W}
+mkdir -p "$W" "$LOG"
+PY=${PYTHON:-python3}
+M="$PY bench/measure.py --log $LOG/bench.jsonl"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+info() { echo "== $*"; date -u; }
+THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
+
+info "machine"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
+[ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape 8b --out "$W/original"
+$PY -c "
+import json, sys; sys.path.insert(0, '.')
+from common.tiny_models import local_corpus
+open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))
+open('$W/calib.jsonl', 'w').write('\n'.join(json.dumps({'text': t}) for t in local_corpus() * 4))"
+$M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
+
+info "rtn, 3 bit g128"
+$M --label decdec_setup-rtn-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/rtn" --method rtn \
+    --w_bit 3 --q_group_size 128 $THRESHOLDS --quiet 2> "$LOG/rtn.err"
+cat "$LOG/rtn.err"; du -sh "$W/rtn"; rm -rf "$W/rtn"
+
+info "sqllm, 3 bit"
+$PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
+$M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
+$M --label decdec_setup-sqllm-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/sq" --method sqllm \
+    --quantized_path "$W/sqllm3" $THRESHOLDS --quiet 2> "$LOG/sqllm.err"
+cat "$LOG/sqllm.err"; rm -rf "$W/sq" "$W/sqllm3"
+
+info "awq with the search (80k calibration tokens), 3 bit g128"
+$M --label decdec_setup-awq-search-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/awq" --method awq \
+    --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 $THRESHOLDS \
+    --quiet 2> "$LOG/awq.err"
+cat "$LOG/awq.err"; rm -rf "$W/awq"
+info "done"
