@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 12's CPU comparison: a 4-layer TinyLlama-shaped model, RTN 3 bit g128, 16 x 128 thresholds
+# tokens: decdec_setup.py against the three separate commands that make the same folder. Cold cache each.
+# Usage: bash bench/run_cpu_one_pass.sh [work dir] [log dir]
+set -uo pipefail
+W=${1:-/tmp/decdec-cpu-bench}
+LOG=${2:-$W}
+mkdir -p "$W" "$LOG"
+PY=${PYTHON:-python3}
+M="$PY bench/measure.py --log $LOG/bench.jsonl"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape tinyllama --layers 4 --out "$W/original"
+$PY -c "
+import sys; sys.path.insert(0, '.')
+from common.tiny_models import local_corpus
+open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))"
+T="--dataset $W/calibration.txt --sampling concat --seq_len 128 --num_examples 16 --device cpu --quiet"
+for round in 1 2; do
+  rm -rf "$W/fq" "$W/sep" "$W/one"
+  $M --label "cpu-separate-conv_awq-$round" -- $PY conv_awq.py --model_path "$W/original" --w_bit 3 \
+      --q_group_size 128 --fakequant_output "$W/fq" --real_output "$W/sep" --device cpu --quiet
+  $M --label "cpu-separate-cheatsheet-$round" -- $PY cheatsheet.py --original_model "$W/original" \
+      --quantized_model "$W/fq" --save_path "$W/sep" --add_fused --device cpu --quiet
+  $M --label "cpu-separate-thresholds-$round" -- $PY thresholds.py --model_path "$W/original" --save_path "$W/sep" $T
+  $M --label "cpu-one-pass-$round" -- $PY decdec_setup.py --model "$W/original" --output "$W/one" --method rtn \
+      --w_bit 3 --q_group_size 128 $T
+done
