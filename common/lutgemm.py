@@ -9,6 +9,7 @@ which equals the fake-quantized weight (q - z) * s.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -45,12 +46,15 @@ def layout(shape: tuple[int, ...], bits: int, group_size: int) -> dict[str, Tens
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """binary / alpha / q_bias from codes [out, in] and per-group scales, zeros [out, groups]."""
     out_features, in_features = codes.shape
-    planes = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    code_bits = (codes.to(torch.int32)[None] >> planes[:, None, None]) & 1  # [b, out, in]
-    shifts = torch.arange(WORD_BITS, device=codes.device, dtype=torch.int32)
-    words = code_bits.reshape(bits, out_features, in_features // WORD_BITS, WORD_BITS) << shifts
-    # disjoint bits: the sum is their OR; int32 wrap-around gives the bit pattern of bit 31
-    binary = words.sum(dim=-1, dtype=torch.int32).permute(2, 0, 1).contiguous()  # [in/32, b, out]
+    planes = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    code_bits = (codes.to(torch.uint8)[None] >> planes[:, None, None]) & 1  # [b, out, in], one byte each
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], device=codes.device, dtype=torch.uint8)
+    # 8 input channels to a byte (disjoint bits: the sum is their OR), then 4 little-endian bytes to an int32
+    packed = (code_bits.reshape(bits, out_features, in_features // 8, 8) * weights).sum(dim=-1, dtype=torch.uint8)
+    binary = packed.view(torch.int32).permute(2, 0, 1).contiguous()  # [in/32, b, out]
+    planes = planes.to(torch.int32)
+    if sys.byteorder != "little":
+        raise RuntimeError("the LUT-GEMM packing assumes a little-endian machine")
     scales32, zeros32 = scales.float(), zeros.float()
     alpha = (scales32 / 2.0)[..., None] * (2.0 ** planes.float())  # [out, groups, b]
     q_bias = alpha.sum(dim=-1) - scales32 * zeros32  # [out, groups]
