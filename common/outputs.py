@@ -224,7 +224,7 @@ def check_free_space(needs: list[tuple[Path, int, str]]) -> None:
         free = shutil.disk_usage(entries[0][0]).free
         if total > free:
             what = " and ".join(w for _, _, w in entries)
-            raise InputError(f"{entries[0][0]}: {what} need {human_size(total)} of free space, but that "
+            raise InputError(f"{entries[0][0]}: writing {what} needs {human_size(total)} of free space, but that "
                              f"filesystem has only {human_size(free)}; free some space or choose another path")
 
 
