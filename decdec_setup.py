@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="weight bits (default 3)")
     quant.add_argument("--bit_pt", default=None, help="per-layer bits, llm-awq's {layer_index: bits} file")
     quant.add_argument("--q_group_size", type=int, default=128, help="input channels per group (default 128)")
+    quant.add_argument("--no_zero_point", action="store_true",
+                       help="symmetric quantization; the LUT-GEMM checkpoint needs the zero point, so the folder "
+                            "then holds only the two artifacts (use --fakequant_output for the model)")
     awq = parser.add_argument_group("awq: earlier results, or a search")
     awq.add_argument("--awq_results", "--load_awq", dest="awq_results", default=None,
                      help="scales and clips of an earlier search (conv_awq.py --dump_awq or llm-awq's)")
@@ -82,8 +85,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.method == "sqllm":
         if not args.quantized_path:
             raise InputError("--method sqllm needs --quantized_path (the Any-Precision / SqueezeLLM folder)")
-        if args.scaled_output or args.awq_results or args.dump_awq or args.bit_pt:
-            raise InputError("--method sqllm takes no --scaled_output, --awq_results, --dump_awq or --bit_pt")
+        if args.scaled_output or args.awq_results or args.dump_awq or args.bit_pt or args.no_zero_point:
+            raise InputError("--method sqllm takes no --scaled_output, --awq_results, --dump_awq, --bit_pt "
+                             "or --no_zero_point")
     else:
         if args.quantized_path or args.bits is not None:
             raise InputError(f"--quantized_path and --bits belong to --method sqllm, not {args.method}")
@@ -153,9 +157,9 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         sqllm.check_layers(layers)
     else:
-        check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=True)
+        check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=not args.no_zero_point)
         bits = load_bit_widths(Path(args.bit_pt), layers) if args.bit_pt else [args.w_bit] * layers
-        quantizers = [Quantizer(b, args.q_group_size) for b in bits]
+        quantizers = [Quantizer(b, args.q_group_size, not args.no_zero_point) for b in bits]
         transforms = [LayerTransforms() for _ in range(layers)]
         if args.awq_results:
             transforms = split_by_layer(load_results(Path(args.awq_results)), Path(args.awq_results), checkpoint,
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         set_up = time.time() - started
 
         def folder_writer(folder: Path) -> SetupFolderWriter:
-            lutgemm = None if sqllm else CheckpointWriter(folder, checkpoint, layout, [q.bits for q in quantizers],
+            lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout, [q.bits for q in quantizers],
                                                          args.q_group_size)
             return SetupFolderWriter(folder, one_pass, lutgemm)
 

@@ -73,8 +73,9 @@ class OnePass:
                                                            self.quantizers[index].group_size,
                                                            self.quantizers[index].zero_point)
                 times.lap("AWQ search")
+            lutgemm = {"real"} if self.quantizers[index].zero_point else set()  # LUT-GEMM needs the zero point
             results = layer_outputs(tensors, self.transforms[index], linears, self.quantizers[index],
-                                    {"scaled", "fakequant", "real"}, where)
+                                    {"scaled", "fakequant"} | lutgemm, where)
         times.lap("quantize")
         original = results["scaled"]  # AWQ: DecDEC's original model is the scaled one
         sheet = LayerResults(self.layout.layers[index])

@@ -143,3 +143,18 @@ def test_bad_inputs(llama_pair, corpus_file, tmp_path):
     refused("--method", "rtn", "--q_group_size", GROUP, "--bit_pt", tmp_path / "bits.pt",
             fragments=("no bit width for layer 1",))
     refused("--method", "sqllm", "--quantized_path", tmp_path / "nothing", fragments=("no such directory",))
+
+
+def test_symmetric_quantization_writes_the_artifacts_only(llama_pair, corpus_file, tmp_path):
+    original, _ = llama_pair
+    ok("decdec_setup.py", "--model", original, "--output", tmp_path / "one", "--method", "rtn", "--q_group_size",
+       GROUP, "--no_zero_point", "--dataset", corpus_file, *THRESHOLDS, "--fakequant_output", tmp_path / "one-fq")
+    assert not (tmp_path / "one" / "pytorch_model.bin").exists()
+    ok("conv_awq.py", "--model_path", original, "--q_group_size", GROUP, "--no_zero_point", "--fakequant_output",
+       tmp_path / "fq")
+    ok("cheatsheet.py", "--original_model", original, "--quantized_model", tmp_path / "fq", "--save_path",
+       tmp_path / "art", "--add_fused")
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    assert_same_tree(load(tmp_path / "one" / "cheatsheet.pt"), load(tmp_path / "art" / "cheatsheet.pt"))
+    first, second = all_tensors(tmp_path / "one-fq"), all_tensors(tmp_path / "fq")
+    assert all(torch.equal(first[k], second[k]) for k in second)
