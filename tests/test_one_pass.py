@@ -3,6 +3,7 @@ for rtn, awq (results and search) and sqllm on Llama, Qwen2 and Phi-3; and its b
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from tests.test_cheatsheet import all_tensors
 from tests.test_conv_sqllm import make_quantized_folder
 
 GROUP = 32
+# CI runs both paths on the CPU; DECDEC_TEST_DEVICE=cuda runs both on a GPU (they must still be equal)
+DEVICE = os.environ.get("DECDEC_TEST_DEVICE", "cpu")
 THRESHOLDS = ["--seq_len", 64, "--num_examples", 8, "--sampling", "concat", "--dtype", "float32"]
 SEARCH = ["--n_samples", 24, "--seqlen", 64]
 
@@ -26,7 +29,7 @@ def corpus_file(tmp_path_factory, corpus) -> Path:
 
 
 def ok(*args) -> None:
-    result = run_script(*args, "--device", "cpu", "--quiet")
+    result = run_script(*args, "--device", DEVICE, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -102,7 +105,7 @@ def test_one_pass_equals_the_separate_scripts(family, method, models_root, token
     # evaluate.py checks the folder the runtime loads, decoding its LUT-GEMM weights (or the LUTs)
     model = ["--quantized_path", extra[1], "--artifacts", one] if method == "sqllm" else ["--quantized_model", one]
     reference = tmp_path / "one-scaled" if method == "awq" else original
-    check = run_script("evaluate.py", *model, "--original_model", reference, "--check", "--device", "cpu")
+    check = run_script("evaluate.py", *model, "--original_model", reference, "--check", "--device", DEVICE)
     assert check.returncode == 0, check.stderr[-2000:]
     assert "residual: decoded vs exact relative error" in check.stderr
 
