@@ -89,14 +89,6 @@ def clip_weight(weight: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
     return torch.clamp(grouped, -limit, limit).reshape(weight.shape)
 
 
-def fake_quantize_linear(weight: torch.Tensor, clip: torch.Tensor | None, bits: int, group_size: int,
-                         zero_point: bool = True) -> torch.Tensor:
-    """The fake-quantized float16 weight of one scaled float16 Linear weight (clip first, if any)."""
-    if clip is not None:
-        weight = clip_weight(weight, clip)
-    return pseudo_quantize(weight, bits, group_size, zero_point).half()
-
-
 def load_results(path: Path) -> dict:
     """llm-awq's --dump_awq file, loaded without executing arbitrary pickles."""
     if not path.is_file():
@@ -229,17 +221,26 @@ def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms,
     results: dict[str, dict[str, torch.Tensor]] = {"scaled": scaled}
     if "fakequant" in wanted:
         results["fakequant"] = dict(scaled)
-        for module in linears:
-            results["fakequant"][f"{module}.weight"] = fake_quantize_linear(
-                scaled[f"{module}.weight"], transforms.clips.get(module), quantizer.bits, quantizer.group_size,
-                quantizer.zero_point)
     if "real" in wanted:
         results["real"] = {name: t for name, t in scaled.items() if name.removesuffix(".weight") not in linears}
-        for module in linears:
-            weight = scaled[f"{module}.weight"]
-            if module in transforms.clips:
-                weight = clip_weight(weight, transforms.clips[module])
-            packed = pack(*quantize_groups(weight, quantizer.bits, quantizer.group_size), quantizer.bits)
+    for module in linears if wanted & {"fakequant", "real"} else []:
+        weight = scaled[f"{module}.weight"]
+        if module in transforms.clips:
+            weight = clip_weight(weight, transforms.clips[module])
+        if not quantizer.zero_point:
+            results["fakequant"][f"{module}.weight"] = pseudo_quantize(weight, quantizer.bits, quantizer.group_size,
+                                                                       zero_point=False).half()
+            continue
+        # one quantization serves both: the fake-quantized weight is (codes - zeros) * scales, in the
+        # weight's dtype, exactly what pseudo_quantize computes
+        codes, scales, zeros = quantize_groups(weight, quantizer.bits, quantizer.group_size)
+        if "fakequant" in wanted:
+            size = quantizer.group_size if quantizer.group_size > 0 else weight.shape[1]
+            grouped = codes.reshape(-1, size).to(weight.dtype)
+            fake = (grouped - zeros.reshape(-1, 1)) * scales.reshape(-1, 1)
+            results["fakequant"][f"{module}.weight"] = fake.reshape(weight.shape).half()
+        if "real" in wanted:
+            packed = pack(codes, scales, zeros, quantizer.bits)
             results["real"].update({f"{module}.{key}": tensor for key, tensor in packed.items()})
     return {key: results[key] for key in wanted}
 

@@ -55,11 +55,13 @@ class OnePass:
         times = self.times if self.times is not None else StageTimes(self.device)
         where = f"{self.checkpoint.dir}: layer {index}"
         raw = dict(tensors)  # float32 copies of the checkpoint's values
+        prefix = f"{self.layout.prefix}layers.{index}."
         for name, tensor in tensors.items():
             fits, problem = float16_check(tensor, tensor.half(), f"{where} {name}")
             if not fits:
                 raise InputError(problem())
-            tensors[name] = tensor.half().float()  # weights are used as float16 values (SPEC §2)
+            if self.checkpoint.tensors[prefix + name].dtype != torch.float16:
+                tensors[name] = tensor.half().float()  # weights are used as float16 values (SPEC §2)
         linears = sorted(self.layout.layers[index].linears)
         times.lap("read and check")
         if self.method == "sqllm":
