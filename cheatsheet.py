@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
-from common.readahead import start_readahead  # noqa: E402
+from common.io.readahead import start_readahead  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     # Start reading the weights now: torch's import and the checks below then cost no I/O time.
     start_readahead([Path(args.original_model), Path(args.quantized_model)], layers_only=True)
     import torch
-    from common.cheatsheet_build import (OUTPUT_FILES, CheatsheetOptions, PairedModels,
+    from common.quant.cheatsheet_build import (OUTPUT_FILES, CheatsheetOptions, PairedModels,
                                          build_cheatsheet, likely_swapped, output_bytes)
-    from common.model_files import Checkpoint, resolve_model_dir
-    from common.outputs import check_free_space, claimed_outputs, output_dir
+    from common.io.model_files import Checkpoint, resolve_model_dir
+    from common.io.outputs import check_free_space, claimed_outputs, output_dir
     if args.grid_size < 1:
         raise InputError(f"--grid_size {args.grid_size}: must be at least 1")
     if args.num_workers is not None:

@@ -26,17 +26,17 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from common.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
+from common.quant.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
                         load_bit_widths, load_results, split_by_layer)
-from common.awq_search import start_search  # noqa: E402
+from common.quant.awq_search import start_search  # noqa: E402
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
-from common.convert import convert_model  # noqa: E402
+from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import find_layers  # noqa: E402
-from common.model_files import Checkpoint, float16_check, resolve_model_dir  # noqa: E402
-from common.model_writer import parse_size  # noqa: E402
-from common.outputs import check_free_space, claimed_outputs  # noqa: E402
-from common.readahead import start_readahead  # noqa: E402
+from common.io.model_files import Checkpoint, float16_check, resolve_model_dir  # noqa: E402
+from common.io.model_writer import parse_size  # noqa: E402
+from common.io.outputs import check_free_space, claimed_outputs  # noqa: E402
+from common.io.readahead import start_readahead  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUTPUT_FLAGS = {"scaled": "--scaled_output", "fakequant": "--fakequant_output", "real": "--real_output"}
@@ -169,7 +169,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
 
     writer_for = {}
     if "real" in outputs:
-        from common.lutgemm import CheckpointWriter
+        from common.quant.lutgemm import CheckpointWriter
         writer_for["real"] = lambda folder: CheckpointWriter(folder, checkpoint, layout, bits, args.q_group_size)
     try:
         convert_model(checkpoint, layout, outputs, transform, device, parse_size(args.max_shard_size),
@@ -180,8 +180,8 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
         if pending_search is not None and pending_search.exception() is None:
             pending_search.result().close()
     if args.dump_awq:
-        from common.awq_search import results_entries
-        from common.torchsave import save_atomically
+        from common.quant.awq_search import results_entries
+        from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     total = time.time() - started
     times = f"reading, quantizing, writing {total - search_seconds:.1f} s"

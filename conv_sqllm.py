@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written
-from common.convert import convert_model
+from common.io.convert import convert_model
 from common.errors import run_main
 from common.layers import find_layers
-from common.model_files import Checkpoint, resolve_model_dir
-from common.model_writer import parse_size
-from common.outputs import claimed_outputs
-from common.sqllm import QuantizedFolder
+from common.io.model_files import Checkpoint, resolve_model_dir
+from common.io.model_writer import parse_size
+from common.io.outputs import claimed_outputs
+from common.quant.sqllm import QuantizedFolder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
-from common.readahead import start_readahead  # noqa: E402
+from common.io.readahead import start_readahead  # noqa: E402
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_readahead([Path(args.model)], skip=("lm_head",) if args.method == "sqllm" else ())
     check_args(args)
-    from common.model_files import resolve_model_dir
-    from common.outputs import claimed_outputs
+    from common.io.model_files import resolve_model_dir
+    from common.io.outputs import claimed_outputs
     device = pick_device(args.device)
     model_dir = resolve_model_dir(args.model, "--model")
     output = Path(args.output)
@@ -135,19 +135,19 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device) -> str:
     """The pass itself, while this run holds the outputs; returns the summary line."""
     import torch
-    from common.activation_stats import LayerwiseThresholds
-    from common.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
-    from common.awq_search import StageTimes, start_search
-    from common.calibration import draw_samples, load_texts
-    from common.cheatsheet_build import CheatsheetOptions, check_packable
-    from common.convert import convert_model
+    from common.calib.activation_stats import LayerwiseThresholds
+    from common.quant.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
+    from common.quant.awq_search import StageTimes, start_search
+    from common.calib.calibration import draw_samples, load_texts
+    from common.quant.cheatsheet_build import CheatsheetOptions, check_packable
+    from common.io.convert import convert_model
     from common.layers import check_seq_len, find_layers
-    from common.layerwise import LayerwiseModel, load_tokenizer
-    from common.lutgemm import CheckpointWriter
-    from common.model_files import Checkpoint
-    from common.model_writer import parse_size
+    from common.calib.layerwise import LayerwiseModel, load_tokenizer
+    from common.quant.lutgemm import CheckpointWriter
+    from common.io.model_files import Checkpoint
+    from common.io.model_writer import parse_size
     from common.one_pass import OnePass, SetupFolderWriter
-    from common.sqllm import QuantizedFolder
+    from common.quant.sqllm import QuantizedFolder
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
     check_packable(checkpoint, layout)
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         if search is not None:
             search.close()
     if args.dump_awq:
-        from common.awq_search import results_entries
-        from common.torchsave import save_atomically
+        from common.quant.awq_search import results_entries
+        from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"

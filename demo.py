@@ -22,8 +22,8 @@ import decdec_setup
 import evaluate
 from common.cli import pick_device, progress
 from common.errors import InputError, run_main
-from common.model_files import resolve_model_dir
-from common.outputs import atomic_dir, claimed_outputs
+from common.io.model_files import resolve_model_dir
+from common.io.outputs import atomic_dir, claimed_outputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def build_small_model(folder: Path, texts: list[str], train_steps: int, device: 
 def largest_group(model: str, preferred: int = 128) -> int:
     """The usual group size of 128 input channels, or the largest power of two below it that fits."""
     from common.layers import find_layers
-    from common.model_files import Checkpoint, resolve_model_dir
+    from common.io.model_files import Checkpoint, resolve_model_dir
     checkpoint = Checkpoint(resolve_model_dir(model, "--model"), "--model")
     widths = {checkpoint.tensors[name].shape[1] for layer in find_layers(checkpoint).layers
               for name in layer.linears.values()}

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from common.calibration import NAMED_DATASETS, load_texts
+from common.calib.calibration import NAMED_DATASETS, load_texts
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written
-from common.decdec_sim import CHUNK, MAX_RUNTIME_K_CHUNK, SELECTIONS
+from common.simulate.decdec_sim import CHUNK, MAX_RUNTIME_K_CHUNK, SELECTIONS
 from common.errors import InputError, run_main
-from common.evaluation import (Config, check_artifacts, evaluation_windows, load_artifact, residual_errors,
+from common.simulate.evaluation import (Config, check_artifacts, evaluation_windows, load_artifact, residual_errors,
                                simulate)
 from common.layers import check_same_layers, check_seq_len, find_layers
-from common.layerwise import LayerwiseModel, load_tokenizer
-from common.lutgemm import DecodedCheckpoint
-from common.model_files import Checkpoint, resolve_model_dir
-from common.sqllm import LutCheckpoint, QuantizedFolder
-from common.outputs import atomic_file, claimed_outputs
+from common.calib.layerwise import LayerwiseModel, load_tokenizer
+from common.quant.lutgemm import DecodedCheckpoint
+from common.io.model_files import Checkpoint, resolve_model_dir
+from common.quant.sqllm import LutCheckpoint, QuantizedFolder
+from common.io.outputs import atomic_file, claimed_outputs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

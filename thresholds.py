@@ -18,9 +18,9 @@ from pathlib import Path  # noqa: E402
 
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
-from common.readahead import start_readahead  # noqa: E402
+from common.io.readahead import start_readahead  # noqa: E402
 
-NAMED_DATASETS = ("wikitext2", "ptb", "c4", "pileval")  # common.calibration.NAMED_DATASETS, without its imports
+NAMED_DATASETS = ("wikitext2", "ptb", "c4", "pileval")  # common.calib.calibration.NAMED_DATASETS, without its imports
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     start_readahead([Path(args.model_path)], skip=("lm_head",))
     import torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401  (the heavy part of the imports, done now)
-    from common.model_files import resolve_model_dir
-    from common.outputs import claimed_outputs
+    from common.io.model_files import resolve_model_dir
+    from common.io.outputs import claimed_outputs
     started = time.time()
     for flag in ("seq_len", "num_examples", "batch_size"):
         if getattr(args, flag) < 1:
@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, device, started: float) -> int:
     """Everything after the checks of the arguments, while this run holds the output."""
     import torch
-    from common.calibration import draw_samples, load_texts
+    from common.calib.calibration import draw_samples, load_texts
     from common.layers import check_seq_len, find_layers
-    from common.layerwise import load_tokenizer
-    from common.model_files import Checkpoint
-    from common.outputs import check_free_space
-    from common.torchsave import save_atomically
+    from common.calib.layerwise import load_tokenizer
+    from common.io.model_files import Checkpoint
+    from common.io.outputs import check_free_space
+    from common.io.torchsave import save_atomically
     checkpoint = Checkpoint(model_dir, "--model_path")
     layout = find_layers(checkpoint)
     check_seq_len(checkpoint, args.seq_len)
@@ -108,7 +108,7 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
     thresholds = calibrate(checkpoint, layout, samples, device, getattr(torch, args.dtype), args.batch_size,
                            args.trust_remote_code, args.quiet)
     if not args.no_clamp:
-        from common.activation_stats import clamp_to_fp16
+        from common.calib.activation_stats import clamp_to_fp16
         for line in clamp_to_fp16(thresholds):
             print(line, file=sys.stderr)
     save_atomically(thresholds, target)
@@ -123,8 +123,8 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
 def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust_remote_code: bool = False,
               quiet: bool = True) -> list[dict]:
     """thresholds.pt's content: one dict module -> float32 [in] per decoder layer."""
-    from common.activation_stats import layer_thresholds
-    from common.layerwise import LayerwiseModel
+    from common.calib.activation_stats import layer_thresholds
+    from common.calib.layerwise import LayerwiseModel
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
     try:
         inputs = model.capture_inputs(list(samples.split(batch_size)))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.residual import unpack_nibbles  # noqa: E402
+from common.quant.residual import unpack_nibbles  # noqa: E402
 
 
 def main() -> None:

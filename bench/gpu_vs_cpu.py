@@ -11,10 +11,10 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.cheatsheet_build import residual_outputs, CheatsheetOptions  # noqa: E402
+from common.quant.cheatsheet_build import residual_outputs, CheatsheetOptions  # noqa: E402
 from common.layers import find_layers  # noqa: E402
-from common.model_files import Checkpoint  # noqa: E402
-from common.residual import unpack_nibbles  # noqa: E402
+from common.io.model_files import Checkpoint  # noqa: E402
+from common.quant.residual import unpack_nibbles  # noqa: E402
 
 
 def main() -> None:

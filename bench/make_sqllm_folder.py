@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.layers import find_layers  # noqa: E402
-from common.model_files import Checkpoint  # noqa: E402
+from common.io.model_files import Checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ $PY - "$W" <<'PY'
 import sys, torch
 sys.path.insert(0, ".")
 from pathlib import Path
-from common.lutgemm import decode
-from common.model_files import Checkpoint
+from common.quant.lutgemm import decode
+from common.io.model_files import Checkpoint
 w = Path(sys.argv[1])
 state = torch.load(w / "real" / "pytorch_model.bin", weights_only=True, mmap=True)
 fq = Checkpoint(w / "fq")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.model_writer import ShardedModelWriter  # noqa: E402
+from common.io.model_writer import ShardedModelWriter  # noqa: E402
 from common.tiny_models import local_corpus, train_tokenizer  # noqa: E402
 
 SHAPES = {

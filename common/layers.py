@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from common.errors import InputError
-from common.model_files import Checkpoint
+from common.io.model_files import Checkpoint
 
 LAYER_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<index>\d+)\.(?P<rest>.+)$")
 

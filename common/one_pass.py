@@ -2,11 +2,11 @@
 
 Per decoder layer, with the layer's original weights on the device once, the stages the separate
 scripts run, each the same function they call:
-  quantize     AWQ search (common.awq_search) or results, RTN, or the SqueezeLLM LUTs (common.sqllm)
-  outputs      scaled / fake-quantized / LUT-GEMM tensors (common.awq.layer_outputs)
-  cheatsheet   the residual of (scaled) original vs fake-quantized (common.cheatsheet_build)
-  thresholds   the (scaled) original's layer over the calibration samples (common.activation_stats)
-The converter (common.convert) reads the layers ahead and writes the model outputs behind; the
+  quantize     AWQ search (common.quant.awq_search) or results, RTN, or the SqueezeLLM LUTs (common.quant.sqllm)
+  outputs      scaled / fake-quantized / LUT-GEMM tensors (common.quant.awq.layer_outputs)
+  cheatsheet   the residual of (scaled) original vs fake-quantized (common.quant.cheatsheet_build)
+  thresholds   the (scaled) original's layer over the calibration samples (common.calib.activation_stats)
+The converter (common.io.convert) reads the layers ahead and writes the model outputs behind; the
 output folder's writer streams cheatsheet.pt as layers finish and writes thresholds.pt at the end.
 """
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from common.activation_stats import LayerwiseThresholds, clamp_to_fp16
-from common.awq import LayerTransforms, Quantizer, layer_outputs
-from common.awq_search import LayerwiseSearch, StageTimes
-from common.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, LayerResults, cheatsheet_layout, item_for_output
+from common.calib.activation_stats import LayerwiseThresholds, clamp_to_fp16
+from common.quant.awq import LayerTransforms, Quantizer, layer_outputs
+from common.quant.awq_search import LayerwiseSearch, StageTimes
+from common.quant.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, LayerResults, cheatsheet_layout, item_for_output
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.lutgemm import CheckpointWriter
-from common.model_files import Checkpoint, float16_check
-from common.sqllm import QuantizedFolder
-from common.torchsave import StreamedWriter, layout_bytes, save_atomically
+from common.quant.lutgemm import CheckpointWriter
+from common.io.model_files import Checkpoint, float16_check
+from common.quant.sqllm import QuantizedFolder
+from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
 
 THRESHOLDS_FILE = "thresholds.pt"
 

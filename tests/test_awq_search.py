@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.calibration import sample_awq_blocks
-from common.lutgemm import decode
+from common.calib.calibration import sample_awq_blocks
+from common.quant.lutgemm import decode
 from common.tiny_models import build_model
 from tests.helpers import assert_input_error, run_script
 from tests.test_cheatsheet import all_tensors
@@ -155,7 +155,7 @@ def run_awq(model: Path, calib: Path, out: Path, *extra) -> None:
 
 def blocks_for(model: Path, calib: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
-    from common.calibration import load_texts
+    from common.calib.calibration import load_texts
     texts = load_texts(str(calib), keep_empty=True)
     return sample_awq_blocks(texts, AutoTokenizer.from_pretrained(model).encode, N_SAMPLES, SEQLEN)
 

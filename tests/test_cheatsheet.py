@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, PartStore, build_cheatsheet
-from common.model_files import Checkpoint
-from common.residual import decode_cheatsheet
+from common.quant.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, PartStore, build_cheatsheet
+from common.io.model_files import Checkpoint
+from common.quant.residual import decode_cheatsheet
 from common.tiny_models import build_model
 from tests.helpers import assert_input_error, rtn_fake_quantize, run_script
 from tests.test_residual import reference_row

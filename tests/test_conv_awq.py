@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.awq import pseudo_quantize
+from common.quant.awq import pseudo_quantize
 from common.tiny_models import build_model
 from tests.helpers import assert_input_error, run_script
 from tests.test_cheatsheet import all_tensors
@@ -85,7 +85,7 @@ def test_scaling_alone_preserves_the_logits(family, mha_models, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_scaling_is_exact_in_float32(family, mha_models):
     from transformers import AutoModelForCausalLM
-    from common.awq import LayerTransforms, apply_scales
+    from common.quant.awq import LayerTransforms, apply_scales
     base = AutoModelForCausalLM.from_pretrained(mha_models[family], dtype=torch.float32).eval()
     scaled = AutoModelForCausalLM.from_pretrained(mha_models[family], dtype=torch.float32).eval()
     state = scaled.state_dict()

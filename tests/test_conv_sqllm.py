@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.sqllm import numpy_safe_globals
+from common.quant.sqllm import numpy_safe_globals
 from tests.helpers import assert_input_error, run_script
 from tests.test_cheatsheet import all_tensors, layer_linears
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cheatsheet
-from common.cheatsheet_build import PARTS_DIR, PartStore
+from common.quant.cheatsheet_build import PARTS_DIR, PartStore
 from common.errors import run_main
-from common.outputs import MANIFEST, output_lock
+from common.io.outputs import MANIFEST, output_lock
 from tests.helpers import ROOT, assert_input_error, run_script
 
 
@@ -203,7 +203,7 @@ def test_disk_full_while_writing_the_final_file(pair, tmp_path, capsys, monkeypa
     """The real zip writer failing: the OSError behind torch's RuntimeError is what the user sees."""
     original, quantized = pair
     save = tmp_path / "out"
-    import common.outputs as outputs
+    import common.io.outputs as outputs
     real_open = open
 
     class FullDisk:
@@ -235,7 +235,7 @@ def test_disk_full_while_writing_the_final_file(pair, tmp_path, capsys, monkeypa
 
 def test_too_little_free_space_is_refused_before_any_work(pair, tmp_path, capsys, monkeypatch):
     original, quantized = pair
-    import common.outputs as outputs
+    import common.io.outputs as outputs
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 0, 1 << 20))
     code, stderr = run_in_process(cheatsheet.main, ["--original_model", original, "--quantized_model", quantized,
                                                     "--save_path", tmp_path / "out"], capsys)
@@ -261,7 +261,7 @@ def test_stale_temporaries_removed_and_one_run_per_output(pair, tmp_path):
     assert sorted(p.name for p in save.iterdir()) == ["cheatsheet.pt"]
     # the kernel drops the lock of a killed holder: the next run proceeds
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from pathlib import Path; from common.outputs import output_lock\n"
+                               "from pathlib import Path; from common.io.outputs import output_lock\n"
                                "with output_lock(Path(sys.argv[2])):\n    print('held', flush=True); time.sleep(60)",
                                str(ROOT), str(save / "thresholds.pt")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.decdec_sim import SimulatedLinear, bucket_edges, select_buckets, select_channels
+from common.simulate.decdec_sim import SimulatedLinear, bucket_edges, select_buckets, select_channels
 from tests.helpers import assert_input_error, run_script
 
 

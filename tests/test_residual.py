@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.residual import (candidate_scales, decode_cheatsheet, pack_nibbles, quantize_residual,
+from common.quant.residual import (candidate_scales, decode_cheatsheet, pack_nibbles, quantize_residual,
                              reorder_scales, restore_scales, unpack_nibbles)
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.activation_stats import clamp_to_fp16
-from common.calibration import load_texts, sample_concat, sample_reference, tokenize_with
+from common.calib.activation_stats import clamp_to_fp16
+from common.calib.calibration import load_texts, sample_concat, sample_reference, tokenize_with
 from common.errors import InputError
 from common.tiny_models import build_model
 from tests.helpers import assert_input_error, run_script

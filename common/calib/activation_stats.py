@@ -13,7 +13,7 @@ from torch import nn
 from common.errors import InputError
 
 if TYPE_CHECKING:
-    from common.layerwise import LayerInputs, LayerwiseModel
+    from common.calib.layerwise import LayerInputs, LayerwiseModel
 
 FP16_MAX = 65504.0
 

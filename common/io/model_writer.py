@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.errors import InputError
-from common.model_files import SAFETENSORS_DTYPES
+from common.io.model_files import SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.index\.json)$")

@@ -21,7 +21,7 @@ from torch import nn
 
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.model_files import Checkpoint
+from common.io.model_files import Checkpoint
 
 
 @contextmanager

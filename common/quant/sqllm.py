@@ -17,7 +17,7 @@ import torch
 
 from common.errors import InputError
 from common.layers import find_layers
-from common.model_files import Checkpoint
+from common.io.model_files import Checkpoint
 
 _ALLOWLIST_LOCK = threading.Lock()  # torch's safe_globals context is process-wide, not per thread
 LUT_DIR = re.compile(r"^lut_(\d+)$")

@@ -16,10 +16,10 @@ from typing import Any, Callable, Protocol
 import torch
 
 from common.layers import LayerLayout
-from common.model_files import Checkpoint
-from common.model_writer import ShardedModelWriter, copy_model_files
-from common.outputs import atomic_dir, check_free_space
-from common.prefetch import prefetched
+from common.io.model_files import Checkpoint
+from common.io.model_writer import ShardedModelWriter, copy_model_files
+from common.io.outputs import atomic_dir, check_free_space
+from common.io.prefetch import prefetched
 
 # (layer index, {local tensor name: float32 tensor on the device}, extras) -> {output: {local name: tensor}}
 LayerTransform = Callable[[int, dict[str, torch.Tensor], Any], dict[str, dict[str, torch.Tensor]]]

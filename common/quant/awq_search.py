@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common.awq import LayerTransforms, pseudo_quantize
+from common.quant.awq import LayerTransforms, pseudo_quantize
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.layerwise import LayerInputs, LayerwiseModel
-from common.model_files import Checkpoint
+from common.calib.layerwise import LayerInputs, LayerwiseModel
+from common.io.model_files import Checkpoint
 
 RATIOS = 20
 CLIP_STEPS = 10  # limits max|W| * (1 - i/20) for i < 10
@@ -265,9 +265,9 @@ def start_search(checkpoint: Checkpoint, layout: LayerLayout, device: torch.devi
                  text_column: str | None, n_samples: int, seqlen: int, dtype: torch.dtype, blocks_per_batch: int,
                  trust_remote_code: bool = False) -> LayerwiseSearch:
     """Calibration blocks (SPEC §7.1) from --calib_data, and the layer-by-layer search over them."""
-    from common.calibration import load_texts, sample_awq_blocks
+    from common.calib.calibration import load_texts, sample_awq_blocks
     from common.layers import check_seq_len
-    from common.layerwise import load_tokenizer
+    from common.calib.layerwise import load_tokenizer
     check_seq_len(checkpoint, seqlen, "--seqlen")
     tokenizer = load_tokenizer(checkpoint.dir, trust_remote_code)
     texts = load_texts(calib_data, text_column, flag="--calib_data", keep_empty=True)

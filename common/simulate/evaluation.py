@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.activation_stats import FP16_MAX
-from common.cheatsheet_build import FUSED_MODULES
-from common.decdec_sim import SimulatedLinear
+from common.calib.activation_stats import FP16_MAX
+from common.quant.cheatsheet_build import FUSED_MODULES
+from common.simulate.decdec_sim import SimulatedLinear
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.layerwise import LayerInputs, LayerwiseModel
-from common.model_files import Checkpoint
-from common.prefetch import prefetched
-from common.residual import decode_cheatsheet
+from common.calib.layerwise import LayerInputs, LayerwiseModel
+from common.io.model_files import Checkpoint
+from common.io.prefetch import prefetched
+from common.quant.residual import decode_cheatsheet
 
 
 def load_artifact(path: Path) -> list:

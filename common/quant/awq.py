@@ -16,7 +16,7 @@ import torch
 
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.model_files import Checkpoint
+from common.io.model_files import Checkpoint
 
 
 @dataclass
@@ -209,8 +209,8 @@ def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms,
     """One layer of each output asked for ('scaled', 'fakequant', 'real': LUT-GEMM tensors), from
     the layer's float16-valued weights (float32 tensors, name in the layer -> tensor; scaled in place)
     and its AWQ entries."""
-    from common.lutgemm import pack
-    from common.model_files import float16_check
+    from common.quant.lutgemm import pack
+    from common.io.model_files import float16_check
     apply_scales(tensors, transforms)
     scaled = {name: t.half() for name, t in tensors.items()}
     if transforms.scales:
@@ -247,7 +247,7 @@ def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms,
 
 def check_quantizable(checkpoint: Checkpoint, layout: LayerLayout, group_size: int, lutgemm: bool) -> None:
     """Every Linear must split into whole groups (and, for the LUT-GEMM checkpoint, whole int32 words)."""
-    from common.lutgemm import check_shape
+    from common.quant.lutgemm import check_shape
     for layer in layout.layers:
         for name in layer.linears.values():
             shape = checkpoint.tensors[name].shape

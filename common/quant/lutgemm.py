@@ -16,8 +16,8 @@ import torch
 
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.model_files import Checkpoint, TensorInfo
-from common.torchsave import StateDictWriter, TensorMeta
+from common.io.model_files import Checkpoint, TensorInfo
+from common.io.torchsave import StateDictWriter, TensorMeta
 
 WORD_BITS = 32
 SUFFIXES = ("binary", "alpha", "q_bias")

@@ -21,11 +21,11 @@ from safetensors.torch import save as safetensors_bytes
 
 from common.errors import InputError
 from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
-from common.model_files import Checkpoint, float16_check, read_safetensors_file
-from common.outputs import atomic_file
-from common.residual import pack_nibbles, quantize_residual, reorder_scales
-from common.prefetch import prefetched
-from common.torchsave import StreamedWriter, TensorMeta, layout_bytes
+from common.io.model_files import Checkpoint, float16_check, read_safetensors_file
+from common.io.outputs import atomic_file
+from common.quant.residual import pack_nibbles, quantize_residual, reorder_scales
+from common.io.prefetch import prefetched
+from common.io.torchsave import StreamedWriter, TensorMeta, layout_bytes
 
 OUTPUT_FILES = {
     "cheatsheet": "cheatsheet.pt",

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.serialization
 
-from common.outputs import atomic_file, opened_for_writing
+from common.io.outputs import atomic_file, opened_for_writing
 
 STORAGE_TYPES = {
     torch.float16: "HalfStorage", torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage",

@@ -1,0 +1,1 @@
+"""Calibration text and samplers, the layer-by-layer model runner, activation statistics."""

@@ -1,0 +1,1 @@
+"""Quantizers and their formats: the residual cheatsheet, AWQ (transforms and search), SqueezeLLM LUTs, LUT-GEMM."""

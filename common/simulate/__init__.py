@@ -1,0 +1,1 @@
+"""evaluate.py's checks and its simulation of DecDEC's runtime."""
