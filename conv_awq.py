@@ -33,7 +33,7 @@ from common.cli import add_device_arg, add_output_args, pick_device, progress, r
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import find_layers  # noqa: E402
-from common.io.model_files import Checkpoint, float16_check, resolve_model_dir  # noqa: E402
+from common.io.model_files import Checkpoint, resolve_model_dir, round_to_float16  # noqa: E402
 from common.io.model_writer import parse_size  # noqa: E402
 from common.io.outputs import check_free_space, claimed_outputs  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
@@ -154,11 +154,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
         if pending_search is not None and search is None:
             search = pending_search.result()
             set_up = time.time() - started
-        for name, tensor in tensors.items():  # weights are used as float16 values (SPEC §2)
-            fits, problem = float16_check(tensor, tensor.half(), f"{checkpoint.dir}: layer {index} {name}")
-            if not fits:
-                raise InputError(problem())
-            tensors[name] = tensor.half().float()
+        round_to_float16(tensors, f"{checkpoint.dir}: layer {index}")
         if search is not None:
             begin = time.time()
             transforms[index] = search.layer(index, tensors, bits[index], args.q_group_size, not args.no_zero_point)

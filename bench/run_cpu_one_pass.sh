@@ -2,13 +2,7 @@
 # Issue 12's CPU comparison: a 4-layer TinyLlama-shaped model, RTN 3 bit g128, 16 x 128 thresholds
 # tokens: decdec_setup.py against the three separate commands that make the same folder. Cold cache each.
 # Usage: bash bench/run_cpu_one_pass.sh [work dir] [log dir]
-set -uo pipefail
-W=${1:-/tmp/decdec-cpu-bench}
-LOG=${2:-$W}
-mkdir -p "$W" "$LOG"
-PY=${PYTHON:-python3}
-M="$PY bench/measure.py --log $LOG/bench.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+DEFAULT_WORK=/tmp/decdec-cpu-bench . "$(dirname "$0")/common.sh" "$@"
 [ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape tinyllama --layers 4 --out "$W/original"
 $PY -c "
 import sys; sys.path.insert(0, '.')

@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of BENCHMARKS.md, in one go (about 6 minutes on one H200, 64 GB of disk).
 # Usage: bash bench/run_gpu.sh [work dir] [log dir]   (SKIP_GPU_VS_CPU=1 / SKIP_70B=1 leave those parts out)
-set -uo pipefail
-W=${1:-/tmp/decdec-bench}
-LOG=${2:-$W}
-mkdir -p "$W" "$LOG"
-PY=${PYTHON:-python3}
-M="$PY bench/measure.py --log $LOG/bench.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-info() { echo "== $*"; date -u; }
+. "$(dirname "$0")/common.sh" "$@"
 
 info "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'

@@ -2,14 +2,7 @@
 # Issue 11's GPU benchmark: conv_awq.py's whole AWQ path on the 8B shape in one cold command
 # (search on ~80k calibration tokens + scaled + fake-quantized + LUT-GEMM outputs + results file).
 # Usage: bash bench/run_gpu_awq.sh [work dir] [log dir]     (about 53 GB of disk)
-set -uo pipefail
-W=${1:-/tmp/decdec-bench}
-LOG=${2:-$W}
-mkdir -p "$W" "$LOG"
-PY=${PYTHON:-python3}
-M="$PY bench/measure.py --log $LOG/bench.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-info() { echo "== $*"; date -u; }
+. "$(dirname "$0")/common.sh" "$@"
 
 info "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'

@@ -2,14 +2,7 @@
 # Issue 12's GPU benchmark: decdec_setup.py on the 8B shape, cold, for rtn, sqllm and awq (with search),
 # with the read floor of the inputs measured in the same run.
 # Usage: bash bench/run_gpu_one_pass.sh [work dir] [log dir]      (about 40 GB of disk)
-set -uo pipefail
-W=${1:-/tmp/decdec-bench}
-LOG=${2:-$W}
-mkdir -p "$W" "$LOG"
-PY=${PYTHON:-python3}
-M="$PY bench/measure.py --log $LOG/bench.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-info() { echo "== $*"; date -u; }
+. "$(dirname "$0")/common.sh" "$@"
 THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 
 info "machine"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc

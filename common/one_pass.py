@@ -24,7 +24,7 @@ from common.quant.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, Layer
 from common.errors import InputError
 from common.layers import LayerLayout
 from common.quant.lutgemm import CheckpointWriter
-from common.io.model_files import Checkpoint, float16_check
+from common.io.model_files import Checkpoint, round_to_float16
 from common.quant.sqllm import QuantizedFolder
 from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
 
@@ -55,13 +55,7 @@ class OnePass:
         times = self.times if self.times is not None else StageTimes(self.device)
         where = f"{self.checkpoint.dir}: layer {index}"
         raw = dict(tensors)  # float32 copies of the checkpoint's values
-        prefix = f"{self.layout.prefix}layers.{index}."
-        for name, tensor in tensors.items():
-            fits, problem = float16_check(tensor, tensor.half(), f"{where} {name}")
-            if not fits:
-                raise InputError(problem())
-            if self.checkpoint.tensors[prefix + name].dtype != torch.float16:
-                tensors[name] = tensor.half().float()  # weights are used as float16 values (SPEC §2)
+        round_to_float16(tensors, where)
         linears = sorted(self.layout.layers[index].linears)
         times.lap("read and check")
         if self.method == "sqllm":

@@ -223,6 +223,22 @@ def float16_check(raw: torch.Tensor, half: torch.Tensor, where: str) -> tuple[to
     return torch.isfinite(half).all(), problem
 
 
+def require_float16(raw: torch.Tensor, half: torch.Tensor, where: str) -> None:
+    """Input error now (one sync) unless `half`, the float16 cast of `raw`, is finite."""
+    fits, problem = float16_check(raw, half, where)
+    if not fits:
+        raise InputError(problem())
+
+
+def round_to_float16(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Replace each float32 tensor by its float16 values (still float32), as SPEC §2 uses weights;
+    an input error names a tensor that float16 cannot hold."""
+    for name, tensor in tensors.items():
+        half = tensor.half()
+        require_float16(tensor, half, f"{where} {name}")
+        tensors[name] = half.float()
+
+
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of one (small) safetensors file, e.g. a part file of our own."""
     fd = os.open(file, os.O_RDONLY)

@@ -210,14 +210,12 @@ def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms,
     the layer's float16-valued weights (float32 tensors, name in the layer -> tensor; scaled in place)
     and its AWQ entries."""
     from common.quant.lutgemm import pack
-    from common.io.model_files import float16_check
+    from common.io.model_files import require_float16
     apply_scales(tensors, transforms)
     scaled = {name: t.half() for name, t in tensors.items()}
     if transforms.scales:
         for name, tensor in scaled.items():
-            fits, problem = float16_check(tensors[name], tensor, f"{where} {name} after scaling by the AWQ results")
-            if not fits:
-                raise InputError(problem())
+            require_float16(tensors[name], tensor, f"{where} {name} after scaling by the AWQ results")
     results: dict[str, dict[str, torch.Tensor]] = {"scaled": scaled}
     if "fakequant" in wanted:
         results["fakequant"] = dict(scaled)
