@@ -154,7 +154,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
         if pending_search is not None and search is None:
             search = pending_search.result()
             set_up = time.time() - started
-        round_to_float16(tensors, f"{checkpoint.dir}: layer {index}")
+        round_to_float16(tensors, f"{checkpoint.dir}: layer {index}", layout.layers[index].stored_dtypes(checkpoint))
         if search is not None:
             begin = time.time()
             transforms[index] = search.layer(index, tensors, bits[index], args.q_group_size, not args.no_zero_point)

@@ -23,7 +23,7 @@ from common.layers import find_layers
 from common.io.model_files import Checkpoint, resolve_model_dir
 from common.io.model_writer import parse_size
 from common.io.outputs import claimed_outputs
-from common.quant.sqllm import QuantizedFolder
+from common.quant.sqllm import QuantizedFolder, TableReader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,10 +66,11 @@ def convert(args: argparse.Namespace, model_dir: Path, quantized: QuantizedFolde
         return {"fakequant": {**tensors, **quantized.fake_quantized_layer(index, tables, shapes, device,
                                                                            checkpoint.dir)}}
 
-    convert_model(checkpoint, layout, {"fakequant": output}, transform, device,
-                  parse_size(args.max_shard_size), args.overwrite,
-                  lambda items, desc, total: progress(items, args.quiet, desc, total), quantized.read_layer,
-                  read_linears=False)  # the LUTs and codes replace every Linear weight
+    with TableReader(quantized) as tables:
+        convert_model(checkpoint, layout, {"fakequant": output}, transform, device,
+                      parse_size(args.max_shard_size), args.overwrite,
+                      lambda items, desc, total: progress(items, args.quiet, desc, total), tables.read_layer,
+                      read_linears=False)  # the LUTs and codes replace every Linear weight
     return len(layout.layers)
 
 

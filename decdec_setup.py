@@ -146,13 +146,13 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.quant.lutgemm import CheckpointWriter
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
-    from common.one_pass import OnePass, SetupFolderWriter
-    from common.quant.sqllm import QuantizedFolder
+    from common.one_pass import Calibration, OnePass, SetupFolderWriter, close_calibration, start_calibration
+    from common.quant.sqllm import QuantizedFolder, TableReader
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
     check_packable(checkpoint, layout)
     layers = len(layout.layers)
-    sqllm, quantizers, transforms, search = None, [], [], None
+    sqllm, quantizers, transforms = None, [], []
     if args.method == "sqllm":
         sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         sqllm.check_layers(layers)
@@ -165,44 +165,55 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             transforms = split_by_layer(load_results(Path(args.awq_results)), Path(args.awq_results), checkpoint,
                                         layout, args.q_group_size)
     check_seq_len(checkpoint, args.seq_len)
-    started = time.time()
-    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
-    samples = draw_samples(load_texts(args.dataset, args.text_column), tokenizer, args.sampling, args.seq_len,
-                           args.num_examples, args.random_state)
-    thresholds_model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
-                                      via_float16=args.method == "awq")
+    tables = TableReader(sqllm) if sqllm else None  # its child process starts beside the set-up
+
+    def build_calibration() -> Calibration:
+        tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
+        samples = draw_samples(load_texts(args.dataset, args.text_column), tokenizer, args.sampling, args.seq_len,
+                               args.num_examples, args.random_state)
+        model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
+                               via_float16=args.method == "awq")
+        try:
+            calibration = Calibration(LayerwiseThresholds(model, samples, args.batch_size))
+            if args.method == "awq" and not args.awq_results:
+                calibration.search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column,
+                                                  args.n_samples, args.seqlen, getattr(torch, args.awq_dtype), 16,
+                                                  args.trust_remote_code)
+        except BaseException:
+            model.close()
+            raise
+        return calibration
+
+    calibration = start_calibration(build_calibration)
+    one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
+                       device, quantizers, transforms, sqllm, {key for key in outputs if key != "folder"},
+                       not args.no_clamp, StageTimes(device))
+
+    def folder_writer(folder: Path) -> SetupFolderWriter:
+        lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout,
+                                                                            [q.bits for q in quantizers],
+                                                                            args.q_group_size)
+        return SetupFolderWriter(folder, one_pass, lutgemm)
+
     try:
-        if args.method == "awq" and not args.awq_results:
-            search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column, args.n_samples,
-                                  args.seqlen, getattr(torch, args.awq_dtype), 16, args.trust_remote_code)
-        one_pass = OnePass(checkpoint, layout, args.method, LayerwiseThresholds(thresholds_model, samples,
-                                                                                args.batch_size),
-                           CheatsheetOptions(add_fused=not args.no_fused), device, quantizers, transforms, search,
-                           sqllm, {key for key in outputs if key != "folder"}, not args.no_clamp, StageTimes(device))
-        set_up = time.time() - started
-
-        def folder_writer(folder: Path) -> SetupFolderWriter:
-            lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout, [q.bits for q in quantizers],
-                                                         args.q_group_size)
-            return SetupFolderWriter(folder, one_pass, lutgemm)
-
         convert_model(checkpoint, layout, outputs, one_pass.transform, device, parse_size(args.max_shard_size),
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
-                      read_extras=sqllm.read_layer if sqllm else (lambda index: None),
+                      read_extras=tables.read_layer if tables else (lambda index: None),
                       writer_for={"folder": folder_writer})
     finally:
-        thresholds_model.close()
-        if search is not None:
-            search.close()
+        close_calibration(calibration)
+        if tables is not None:
+            tables.close()
     if args.dump_awq:
         from common.quant.awq_search import results_entries
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
+    set_up = calibration.result().seconds
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
     return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (calibration "
-            f"set-up {set_up:.1f} s; per layer: {stages}{memory})")
+            f"set-up {set_up:.1f} s, beside the first layers; per layer: {stages}{memory})")
 
 
 if __name__ == "__main__":

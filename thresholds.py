@@ -128,6 +128,7 @@ def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
     try:
         inputs = model.capture_inputs(list(samples.split(batch_size)))
+        model.release_outside_layers()
         thresholds = []
         for index in progress(range(len(layout.layers)), quiet, "thresholds layers"):
             layer = model.load_layer(index)

@@ -23,6 +23,14 @@ class DecoderLayer:
     linears: dict[str, str] = field(default_factory=dict)
     others: dict[str, str] = field(default_factory=dict)  # local name -> tensor name
 
+    def tensor_names(self) -> dict[str, str]:
+        """Every tensor of the layer: name inside the layer -> checkpoint tensor name."""
+        return {**{f"{module}.weight": name for module, name in self.linears.items()}, **self.others}
+
+    def stored_dtypes(self, checkpoint: Checkpoint) -> dict:
+        """Name inside the layer -> the dtype the checkpoint stores it in."""
+        return {local: checkpoint.tensors[name].dtype for local, name in self.tensor_names().items()}
+
 
 @dataclass
 class LayerLayout:

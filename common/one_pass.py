@@ -8,12 +8,18 @@ scripts run, each the same function they call:
   thresholds   the (scaled) original's layer over the calibration samples (common.calib.activation_stats)
 The converter (common.io.convert) reads the layers ahead and writes the model outputs behind; the
 output folder's writer streams cheatsheet.pt as layers finish and writes thresholds.pt at the end.
+The calibration set-up (mostly importing transformers: 15-20 s on some machines) runs in a thread
+beside the first layers; RTN and SqueezeLLM layers that pass before it is ready get their
+thresholds afterwards, from their weights read again (the page cache usually still holds them).
 """
 from __future__ import annotations
 
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +31,7 @@ from common.errors import InputError
 from common.layers import LayerLayout
 from common.quant.lutgemm import CheckpointWriter
 from common.io.model_files import Checkpoint, round_to_float16
+from common.io.prefetch import prefetched
 from common.quant.sqllm import QuantizedFolder
 from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
 
@@ -32,42 +39,93 @@ THRESHOLDS_FILE = "thresholds.pt"
 
 
 @dataclass
+class Calibration:
+    """What the calibration stages need: the thresholds' layer-by-layer model over the samples, and
+    the AWQ search's (when searching). Building them is mostly importing transformers."""
+    thresholds: LayerwiseThresholds
+    search: LayerwiseSearch | None = None
+    seconds: float = 0.0  # to build them
+
+    def close(self) -> None:
+        self.thresholds.model.close()
+        if self.search is not None:
+            self.search.close()
+
+
+def start_calibration(build: Callable[[], Calibration]) -> Future:
+    """Build the calibration in a background thread, beside the first layers' reads, quantization
+    and cheatsheet (the thresholds of those layers wait for it; the AWQ search needs it at once)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-set-up")
+    started = time.time()
+
+    def timed() -> Calibration:
+        calibration = build()
+        calibration.seconds = time.time() - started
+        return calibration
+    future = pool.submit(timed)
+    pool.shutdown(wait=False)
+    return future
+
+
+def close_calibration(future: Future) -> None:
+    """Free what the calibration holds, once its set-up has ended (however it ended)."""
+    try:
+        calibration = future.result()
+    except BaseException:  # noqa: BLE001 - its error, if any, was reported where it was needed
+        return
+    calibration.close()
+
+
+@dataclass
 class OnePass:
-    """Everything one run needs, set up before the layer loop."""
+    """Everything one run needs across the layer loop."""
     checkpoint: Checkpoint
     layout: LayerLayout
     method: str  # "rtn" | "awq" | "sqllm"
-    thresholds: LayerwiseThresholds
+    calibration: Future  # -> Calibration
     cheatsheet: CheatsheetOptions
     device: torch.device
     quantizers: list[Quantizer] = field(default_factory=list)  # rtn / awq
     transforms: list[LayerTransforms] = field(default_factory=list)  # awq: results, or filled by the search
-    search: LayerwiseSearch | None = None
     sqllm: QuantizedFolder | None = None
     wanted: set[str] = field(default_factory=set)  # model directories asked for: "scaled", "fakequant"
     clamp: bool = True
     times: StageTimes | None = None
     folder: "SetupFolderWriter | None" = None
     any_residual: bool = False
+    deferred: list[int] = field(default_factory=list)  # layers whose thresholds wait for the calibration
 
     def transform(self, index: int, tensors: dict[str, torch.Tensor], tables) -> dict[str, dict[str, torch.Tensor]]:
         """convert_model's callback: every stage of layer `index`; returns the model outputs' tensors."""
         times = self.times if self.times is not None else StageTimes(self.device)
         where = f"{self.checkpoint.dir}: layer {index}"
-        raw = dict(tensors)  # float32 copies of the checkpoint's values
-        round_to_float16(tensors, where)
         linears = sorted(self.layout.layers[index].linears)
+        if self.method == "awq":  # the search and the scaled model's thresholds need the calibration now
+            calibration = self._calibration_if_ready(wait=True)
+        else:
+            # thresholds of the original as stored (what thresholds.py reads), first: their layer copy is
+            # freed before the quantized weights exist, and then the float32 copies can go
+            calibration = self._calibration_if_ready()
+            if calibration is None:
+                self.deferred.append(index)
+            else:
+                calibration.thresholds.layer(index, tensors)
+                times.lap("thresholds")
+        round_to_float16(tensors, where, self.layout.layers[index].stored_dtypes(self.checkpoint))
+        if self.method != "awq":  # no scales to fold in float32: keep the float16 values only (in place,
+            for name, tensor in tensors.items():  # so convert_model's float32 copies are freed)
+                tensors[name] = tensor.half()
         times.lap("read and check")
         if self.method == "sqllm":
             shapes = {m: tuple(self.checkpoint.tensors[n].shape) for m, n in self.layout.layers[index].linears.items()}
             fake = {**tensors, **self.sqllm.fake_quantized_layer(index, tables, shapes, self.device,
                                                                  self.checkpoint.dir)}
-            results = {"scaled": raw, "fakequant": fake}
+            results = {"scaled": tensors, "fakequant": fake}
         else:
-            if self.search is not None:
-                self.transforms[index] = self.search.layer(index, tensors, self.quantizers[index].bits,
-                                                           self.quantizers[index].group_size,
-                                                           self.quantizers[index].zero_point)
+            if self.method == "awq" and calibration.search is not None:
+                self.transforms[index] = calibration.search.layer(index, tensors, self.quantizers[index].bits,
+                                                                  self.quantizers[index].group_size,
+                                                                  self.quantizers[index].zero_point)
                 times.lap("AWQ search")
             lutgemm = {"real"} if self.quantizers[index].zero_point else set()  # LUT-GEMM needs the zero point
             results = layer_outputs(tensors, self.transforms[index], linears, self.quantizers[index],
@@ -81,21 +139,47 @@ class OnePass:
         modules = sheet.finish(self.cheatsheet)
         self.any_residual = self.any_residual or any(bool(f["cheatsheet/scales"].any()) for f in modules.values())
         times.lap("cheatsheet")
-        # thresholds of what thresholds.py would read: the scaled model (AWQ) or the original as stored
-        self.thresholds.layer(index, original if self.method == "awq" else raw)
-        times.lap("thresholds")
+        if self.method == "awq":  # thresholds of the scaled model, what thresholds.py would read
+            calibration.thresholds.layer(index, original)
+            times.lap("thresholds")
         self.folder.put_layer(item_for_output(modules, "cheatsheet"))
         outputs = {key: results[key] for key in self.wanted}
         if "real" in results:
             outputs["folder"] = results["real"]
         return outputs
 
+    def _calibration_if_ready(self, wait: bool = False) -> Calibration | None:
+        """The calibration once built (its set-up's error, if it failed), after the thresholds of the
+        layers that went ahead of it; None while it is being built, unless asked to wait."""
+        if not wait and not self.calibration.done():
+            return None
+        calibration = self.calibration.result()
+        if self.deferred:
+            for index, tensors in prefetched(self.deferred, self._read_layer, depth=1):
+                calibration.thresholds.layer(index, tensors)
+            self.deferred.clear()
+            if self.times is not None:
+                self.times.lap("thresholds of layers read again")
+        return calibration
+
+    def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """A layer's weights as stored, read again for its deferred thresholds (usually from the page
+        cache: it was read moments ago)."""
+        return {local: self.checkpoint.read_raw(name, self.device.type == "cuda")
+                for local, name in self.layout.layers[index].tensor_names().items()}
+
     def finish(self) -> list[str]:
-        """After the last layer: the all-zero check and thresholds.pt's content; returns warnings."""
+        """After the last layer: the remaining thresholds, the all-zero check and thresholds.pt's
+        content; returns warnings."""
+        calibration = self._calibration_if_ready(wait=True)
         if not self.any_residual:
             raise InputError(f"{self.checkpoint.dir}: every residual is zero: the quantized model equals the "
                              "original, so the cheatsheet would be empty")
-        return clamp_to_fp16(self.thresholds.entries) if self.clamp else []
+        return clamp_to_fp16(calibration.thresholds.entries) if self.clamp else []
+
+    @property
+    def thresholds_entries(self) -> list[dict[str, torch.Tensor]]:
+        return self.calibration.result().thresholds.entries
 
 
 class SetupFolderWriter:
@@ -126,7 +210,7 @@ class SetupFolderWriter:
         if self.lutgemm:
             self.lutgemm.finish()
         self.cheatsheet.finish()
-        save_atomically(self.run.thresholds.entries, self.folder / THRESHOLDS_FILE)
+        save_atomically(self.run.thresholds_entries, self.folder / THRESHOLDS_FILE)
 
     def close(self) -> None:
         if self.lutgemm:

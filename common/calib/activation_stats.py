@@ -18,15 +18,24 @@ if TYPE_CHECKING:
 FP16_MAX = 65504.0
 
 
+SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def sorted_abs_max(x: torch.Tensor, chunk_elements: int) -> torch.Tensor:
-    """max over tokens of sort(|x_t|, descending), in x's dtype (max is exact in any dtype)."""
+    """max over tokens of sort(|x_t|, descending), in x's dtype (max is exact in any dtype).
+
+    |x| has its sign bit clear, so its bits read as a signed integer of the same width order
+    exactly as the floats do: sorting and maximising those integers gives the same values,
+    and integer sorts are faster (about 1.6x for 16-bit on a CPU)."""
     flat = x.reshape(-1, x.shape[-1])
+    as_int = SAME_WIDTH_INT[x.element_size()]
     rows = max(1, chunk_elements // max(1, flat.shape[1]))
     result = None
     for begin in range(0, flat.shape[0], rows):
-        part = flat[begin: begin + rows].abs().sort(dim=-1, descending=True).values.amax(dim=0)
+        magnitudes = flat[begin: begin + rows].abs().view(as_int)
+        part = magnitudes.sort(dim=-1, descending=True).values.amax(dim=0)
         result = part if result is None else torch.maximum(result, part)
-    return result
+    return result.view(x.dtype)
 
 
 class SortedInputMaxima:
@@ -90,6 +99,7 @@ class LayerwiseThresholds:
     def __init__(self, model: "LayerwiseModel", samples: torch.Tensor, batch_size: int):
         self.model = model
         self.inputs = model.capture_inputs(list(samples.split(batch_size)))
+        model.release_outside_layers()
         self.entries: list[dict[str, torch.Tensor]] = []
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -239,6 +239,13 @@ class LayerwiseModel:
             outputs.append(item.with_hidden(out[0] if isinstance(out, (tuple, list)) else out))
         return outputs
 
+    def release_outside_layers(self) -> None:
+        """Free the embeddings and final norm once the layer inputs are captured: a run that only
+        walks the layers (thresholds, the AWQ search) need not hold them (1 GB for an 8B model)."""
+        for name, param in list(self.model.named_parameters()):
+            if not name.startswith(self.layers_path + ".") and param.device.type != "meta":
+                assign_parameter(self.model, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
 

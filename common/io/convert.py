@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from common.layers import LayerLayout
+from common.io.heap import trim_heap
 from common.io.model_files import Checkpoint
 from common.io.model_writer import ShardedModelWriter, copy_model_files
 from common.io.outputs import atomic_dir, check_free_space
@@ -72,9 +73,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                     writer.write(name, tensor)
 
         def read_layer(index: int) -> tuple[dict[str, torch.Tensor], Any]:
-            layer = layout.layers[index]
-            names = {**({f"{m}.weight": n for m, n in layer.linears.items()} if read_linears else {}),
-                     **layer.others}
+            names = layout.layers[index].tensor_names() if read_linears else dict(layout.layers[index].others)
             return {local: checkpoint.read_raw(name, pin) for local, name in names.items()}, read_extras(index)
 
         def write_layer(outputs: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -89,6 +88,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
             for index, (raw, extras) in progress(prefetched(steps, read_layer, depth=1), desc="layers",
                                                  total=len(steps)):
                 tensors = {local: t.to(device, non_blocking=True).float() for local, t in raw.items()}
+                del raw  # the float32 copies are what the transform uses
                 results = transform(index, tensors, extras)
                 prefix = f"{layout.prefix}layers.{index}."
                 outputs = {key: {prefix + local: tensor.to(writers[key].expected[prefix + local][1]).cpu()
@@ -97,6 +97,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                 while len(pending) >= WRITE_BEHIND:  # later layers are computed while earlier ones are written
                     pending.popleft().result()
                 pending.append(write_pool.submit(write_layer, outputs))
+                trim_heap()  # host memory stays that of a few layers, not a growing heap
             while pending:
                 pending.popleft().result()
         for writer in writers.values():

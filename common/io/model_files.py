@@ -213,10 +213,8 @@ def read_tensor(info: TensorInfo, fd: int, pin: bool = False) -> torch.Tensor:
 def float16_check(raw: torch.Tensor, half: torch.Tensor, where: str) -> tuple[torch.Tensor, Callable[[], str]]:
     """(device flag "`half`, the float16 cast of `raw`, is finite", a function that says what is
     wrong): NaN/Inf in the checkpoint, or a finite value beyond float16's range, with that value."""
-    largest = raw.abs().amax() if raw.numel() else torch.zeros((), device=raw.device)
-
-    def problem() -> str:
-        value = float(largest)
+    def problem() -> str:  # only after a failed check: finding the largest value costs a pass
+        value = float(raw.abs().amax()) if raw.numel() else 0.0
         if not math.isfinite(value):
             return f"{where} holds NaN or Inf"
         return f"{where} holds {value:.6g}, beyond the float16 range (±65504)"
@@ -230,13 +228,15 @@ def require_float16(raw: torch.Tensor, half: torch.Tensor, where: str) -> None:
         raise InputError(problem())
 
 
-def round_to_float16(tensors: dict[str, torch.Tensor], where: str) -> None:
+def round_to_float16(tensors: dict[str, torch.Tensor], where: str, stored: dict[str, torch.dtype]) -> None:
     """Replace each float32 tensor by its float16 values (still float32), as SPEC §2 uses weights;
-    an input error names a tensor that float16 cannot hold."""
+    an input error names a tensor that float16 cannot hold. Tensors `stored` as float16 hold
+    float16 values already: they are only checked, not copied (a layer's worth of memory)."""
     for name, tensor in tensors.items():
         half = tensor.half()
         require_float16(tensor, half, f"{where} {name}")
-        tensors[name] = half.float()
+        if stored.get(name) != torch.float16:
+            tensors[name] = half.float()
 
 
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:

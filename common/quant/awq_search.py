@@ -241,6 +241,7 @@ class LayerwiseSearch:
             for index, layer in enumerate(self.model.layers):  # weights are on `meta`: shapes only
                 scale_groups(layer, f"{checkpoint.dir}: layer {index}")
             self.inputs = self.model.capture_inputs(list(blocks.split(blocks_per_batch)))
+            self.model.release_outside_layers()
         except BaseException:
             self.model.close()
             raise

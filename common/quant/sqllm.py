@@ -7,8 +7,10 @@ a file that needs anything else is refused rather than executed.
 """
 from __future__ import annotations
 
+import multiprocessing
 import re
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +122,7 @@ class QuantizedFolder:
                     raise InputError(f"{self.path / folder / f'l{index}.pt'}: missing (the model has {layers} layers)")
 
     def read_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(LUTs, codes) of layer `index`, module -> tensor."""
+        """(LUTs, codes) of layer `index`, module -> tensor (TableReader runs this in a child process)."""
         return (load_pickled_dict(self.path / f"lut_{self.bits}" / f"l{index}.pt"),
                 load_pickled_dict(self.path / "weights" / f"l{index}.pt"))
 
@@ -140,6 +142,48 @@ class QuantizedFolder:
         return {f"{module}.weight": dequantize(luts[module].to(device), codes[module].to(device), self.shift,
                                                f"{where}: {module}", shape)
                 for module, shape in shapes.items()}
+
+
+Tables = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (LUTs, codes), module -> tensor
+
+
+def _warm_up() -> None:
+    """Run first in the child: unpickling this reference imports torch and NumPy there."""
+
+
+def _read_layer_as_bytes(folder: QuantizedFolder, index: int) -> tuple[dict, dict]:
+    """In the child: a layer's tables as (dtype, shape, bytes) per module. NumPy bytes cross the
+    pipe; torch tensors would go through /dev/shm, which a container may limit to 64 MB."""
+    return tuple({module: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                           t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                  for module, t in table.items()} for table in folder.read_layer(index))
+
+
+class TableReader:
+    """`QuantizedFolder.read_layer` run in a child process, beside the device work.
+
+    torch's weights-only unpickler rebuilds a pickled NumPy array through one long string, holding
+    the GIL: about 0.6 s per layer of an 8B model, during which the main thread cannot launch
+    device work (the SqueezeLLM one pass took 21 s longer than RTN on an H200 for that alone)."""
+
+    def __init__(self, folder: QuantizedFolder):
+        self.folder = folder
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._pool.submit(_warm_up)  # start the child (and its imports) now, not at the first layer
+
+    def read_layer(self, index: int) -> Tables:
+        tables = self._pool.submit(_read_layer_as_bytes, self.folder, index).result()
+        return tuple({module: torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
+                      for module, (dtype, shape, raw) in table.items()} for table in tables)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TableReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LutCheckpoint(Checkpoint):

@@ -1,0 +1,27 @@
+"""Give freed memory back to the operating system between layers.
+
+glibc keeps the heap pages of freed tensors for reuse; with a layer's tensors of many sizes
+allocated and freed from several threads, the process's resident memory grows layer after
+layer (0.1 GB per TinyLlama layer on a CPU) though nothing is held. `malloc_trim` returns
+those pages; elsewhere (no glibc) this does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
