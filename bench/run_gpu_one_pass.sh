@@ -24,7 +24,10 @@ $PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
 $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
 $M --label decdec_setup-sqllm-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/sq" --method sqllm \
     --quantized_path "$W/sqllm3" $THRESHOLDS --quiet 2> "$LOG/sqllm.err"
-cat "$LOG/sqllm.err"; rm -rf "$W/sq" "$W/sqllm3"
+cat "$LOG/sqllm.err"; rm -rf "$W/sq"
+$M --label conv_sqllm-8b -- $PY conv_sqllm.py --original_model_path "$W/original" --quantized_path "$W/sqllm3" \
+    --output_path "$W/sqfq" --quiet
+rm -rf "$W/sqfq" "$W/sqllm3"
 
 info "awq with the search (80k calibration tokens), 3 bit g128"
 $M --label decdec_setup-awq-search-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/awq" --method awq \
