@@ -21,7 +21,6 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 from common.quant.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
                         load_bit_widths, load_results, split_by_layer)
 from common.quant.awq_search import start_search  # noqa: E402
+from common.background import run_beside  # noqa: E402
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
@@ -142,11 +142,11 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     if args.dump_awq:
         check_free_space([(Path(args.dump_awq), results_bytes(checkpoint, layout), "--dump_awq")])
     started = time.time()
-    set_up_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="awq-set-up")
     # the calibration set-up (imports, tokenizer, embeddings) overlaps the first reads and writes
-    pending_search = set_up_pool.submit(start_search, checkpoint, layout, device, args.calib_data, args.text_column,
-                                        args.n_samples, args.seqlen, DTYPES[args.dtype], args.batch_size,
-                                        args.trust_remote_code) if args.run_awq else None
+    pending_search = run_beside(lambda: start_search(checkpoint, layout, device, args.calib_data, args.text_column,
+                                                     args.n_samples, args.seqlen, DTYPES[args.dtype],
+                                                     args.batch_size, args.trust_remote_code),
+                                "awq-set-up") if args.run_awq else None
     search, set_up, search_seconds = None, 0.0, 0.0
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
@@ -172,9 +172,8 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
                       writer_for=writer_for)
     finally:
-        set_up_pool.shutdown(wait=True)
-        if pending_search is not None and pending_search.exception() is None:
-            pending_search.result().close()
+        if pending_search is not None:  # free the search once its set-up ends, without waiting for it
+            pending_search.add_done_callback(lambda done: None if done.exception() else done.result().close())
     if args.dump_awq:
         from common.quant.awq_search import results_entries
         from common.io.torchsave import save_atomically

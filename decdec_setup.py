@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--dataset", args.dataset)) if value}
     inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
     with claimed_outputs(claimed, inputs, args.overwrite):
-        summary = run(args, model_dir, outputs, device)
+        summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()])
     written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
     report_written(written, summary)
     if args.method == "sqllm":
@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device) -> str:
+# options that change where results go or how they are reported, not what they are (resume fingerprint)
+NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "max_shard_size", "device",
+                  "overwrite", "quiet")
+
+
+def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device, inputs: list[Path]) -> str:
     """The pass itself, while this run holds the outputs; returns the summary line."""
     import torch
     from common.calib.activation_stats import LayerwiseThresholds
@@ -146,7 +151,9 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.quant.lutgemm import CheckpointWriter
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
-    from common.one_pass import Calibration, OnePass, SetupFolderWriter, close_calibration, start_calibration
+    from common.io.parts import PartStore
+    from common.one_pass import (Calibration, OnePass, SetupFolderWriter, close_calibration, parts_folder,
+                                 run_fingerprint, start_calibration)
     from common.quant.sqllm import QuantizedFolder, TableReader
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
@@ -185,9 +192,11 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         return calibration
 
     calibration = start_calibration(build_calibration)
+    options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
+    parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
                        device, quantizers, transforms, sqllm, {key for key in outputs if key != "folder"},
-                       not args.no_clamp, StageTimes(device))
+                       not args.no_clamp, StageTimes(device), parts=parts)
 
     def folder_writer(folder: Path) -> SetupFolderWriter:
         lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout,
@@ -200,6 +209,9 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
                       read_extras=tables.read_layer if tables else (lambda index: None),
                       writer_for={"folder": folder_writer})
+    except InputError:
+        parts.remove()  # bad input: a rerun with the same input cannot use them
+        raise
     finally:
         close_calibration(calibration)
         if tables is not None:
@@ -208,6 +220,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         from common.quant.awq_search import results_entries
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
+    parts.remove()
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
     set_up = calibration.result().seconds
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"

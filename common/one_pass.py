@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
+from common.background import run_beside
 from common.calib.activation_stats import LayerwiseThresholds, clamp_to_fp16
 from common.quant.awq import LayerTransforms, Quantizer, layer_outputs
 from common.quant.awq_search import LayerwiseSearch, StageTimes
@@ -31,6 +32,7 @@ from common.errors import InputError
 from common.layers import LayerLayout
 from common.quant.lutgemm import CheckpointWriter
 from common.io.model_files import Checkpoint, round_to_float16
+from common.io.parts import PartStore, file_identities
 from common.io.prefetch import prefetched
 from common.quant.sqllm import QuantizedFolder
 from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
@@ -53,27 +55,62 @@ class Calibration:
 
 
 def start_calibration(build: Callable[[], Calibration]) -> Future:
-    """Build the calibration in a background thread, beside the first layers' reads, quantization
-    and cheatsheet (the thresholds of those layers wait for it; the AWQ search needs it at once)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-set-up")
+    """Build the calibration beside the first layers' reads, quantization and cheatsheet (the
+    thresholds of those layers wait for it; the AWQ search needs it at once)."""
     started = time.time()
 
     def timed() -> Calibration:
         calibration = build()
         calibration.seconds = time.time() - started
         return calibration
-    future = pool.submit(timed)
-    pool.shutdown(wait=False)
-    return future
+    return run_beside(timed, "calibration-set-up")
 
 
 def close_calibration(future: Future) -> None:
-    """Free what the calibration holds, once its set-up has ended (however it ended)."""
-    try:
-        calibration = future.result()
-    except BaseException:  # noqa: BLE001 - its error, if any, was reported where it was needed
-        return
-    calibration.close()
+    """Free what the calibration holds once its set-up ends, without waiting for it."""
+    future.add_done_callback(lambda done: None if done.exception() else done.result().close())
+
+
+AWQ_PART = "awq."  # part entries holding a layer's search results, beside its cheatsheet modules
+
+
+def transforms_to_part(transforms: LayerTransforms) -> dict[str, dict[str, torch.Tensor]]:
+    """A layer's search results as part entries: names and order go in the keys (safetensors holds
+    tensors only, and sorts its keys)."""
+    entries: dict[str, dict[str, torch.Tensor]] = {
+        f"{AWQ_PART}scale.{i}": {f"{prev}|{','.join(names)}": scales.float()}
+        for i, (prev, names, scales) in enumerate(transforms.scales)}
+    if transforms.clips:
+        entries[f"{AWQ_PART}clip"] = {f"{i}|{name}": limit.float()
+                                      for i, (name, limit) in enumerate(transforms.clips.items())}
+    return entries
+
+
+def transforms_from_part(part: dict[str, dict[str, torch.Tensor]]) -> LayerTransforms:
+    transforms = LayerTransforms()
+    scale_entries = sorted((int(key.rsplit(".", 1)[1]), fields) for key, fields in part.items()
+                           if key.startswith(f"{AWQ_PART}scale."))
+    for _, fields in scale_entries:
+        (key, scales), = fields.items()
+        prev, names = key.split("|")
+        transforms.scales.append((prev, names.split(","), scales))
+    clips = sorted((int(key.split("|")[0]), key.split("|")[1], limit)
+                   for key, limit in part.get(f"{AWQ_PART}clip", {}).items())
+    transforms.clips = {name: limit for _, name, limit in clips}
+    return transforms
+
+
+def parts_folder(output: Path) -> Path:
+    """Where a run keeps its finished layers: beside the output folder, which appears only whole."""
+    return output.parent / f".{output.name}.parts"
+
+
+def run_fingerprint(checkpoint: Checkpoint, inputs: Iterable[Path], options: dict) -> dict:
+    """What the parts of a run depend on: the model's and the other inputs' files, and the options."""
+    files = [file for path in inputs
+             for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))]
+    return {"version": 1, "model": file_identities(checkpoint.files()), "inputs": file_identities(files),
+            "options": options}
 
 
 @dataclass
@@ -94,12 +131,14 @@ class OnePass:
     folder: "SetupFolderWriter | None" = None
     any_residual: bool = False
     deferred: list[int] = field(default_factory=list)  # layers whose thresholds wait for the calibration
+    parts: PartStore | None = None  # finished layers (cheatsheet, search results), for resuming
 
     def transform(self, index: int, tensors: dict[str, torch.Tensor], tables) -> dict[str, dict[str, torch.Tensor]]:
         """convert_model's callback: every stage of layer `index`; returns the model outputs' tensors."""
         times = self.times if self.times is not None else StageTimes(self.device)
         where = f"{self.checkpoint.dir}: layer {index}"
         linears = sorted(self.layout.layers[index].linears)
+        part = self.parts.read(index) if self.parts is not None and self.parts.done(index) else None
         if self.method == "awq":  # the search and the scaled model's thresholds need the calibration now
             calibration = self._calibration_if_ready(wait=True)
         else:
@@ -123,20 +162,30 @@ class OnePass:
             results = {"scaled": tensors, "fakequant": fake}
         else:
             if self.method == "awq" and calibration.search is not None:
-                self.transforms[index] = calibration.search.layer(index, tensors, self.quantizers[index].bits,
-                                                                  self.quantizers[index].group_size,
-                                                                  self.quantizers[index].zero_point)
+                if part is not None:  # searched before the interruption: only the forward
+                    self.transforms[index] = transforms_from_part(part)
+                    calibration.search.skip(index, tensors)
+                else:
+                    self.transforms[index] = calibration.search.layer(index, tensors, self.quantizers[index].bits,
+                                                                      self.quantizers[index].group_size,
+                                                                      self.quantizers[index].zero_point)
                 times.lap("AWQ search")
             lutgemm = {"real"} if self.quantizers[index].zero_point else set()  # LUT-GEMM needs the zero point
             results = layer_outputs(tensors, self.transforms[index], linears, self.quantizers[index],
                                     {"scaled", "fakequant"} | lutgemm, where)
         times.lap("quantize")
         original = results["scaled"]  # AWQ: DecDEC's original model is the scaled one
-        sheet = LayerResults(self.layout.layers[index])
-        for module in linears:
-            sheet.add_linear(module, original[f"{module}.weight"], results["fakequant"][f"{module}.weight"],
-                             self.cheatsheet, f"{where} {module} (original)", f"{where} {module} (quantized)")
-        modules = sheet.finish(self.cheatsheet)
+        if part is not None:
+            modules = {module: fields for module, fields in part.items() if not module.startswith(AWQ_PART)}
+        else:
+            sheet = LayerResults(self.layout.layers[index])
+            for module in linears:
+                sheet.add_linear(module, original[f"{module}.weight"], results["fakequant"][f"{module}.weight"],
+                                 self.cheatsheet, f"{where} {module} (original)", f"{where} {module} (quantized)")
+            modules = sheet.finish(self.cheatsheet)
+            if self.parts is not None:
+                searched = self.method == "awq" and calibration.search is not None
+                self.parts.write(index, {**modules, **(transforms_to_part(self.transforms[index]) if searched else {})})
         self.any_residual = self.any_residual or any(bool(f["cheatsheet/scales"].any()) for f in modules.values())
         times.lap("cheatsheet")
         if self.method == "awq":  # thresholds of the scaled model, what thresholds.py would read
@@ -192,7 +241,8 @@ class SetupFolderWriter:
         self.cheatsheet = StreamedWriter(folder / OUTPUT_FILES["cheatsheet"], layout)
         self.expected = lutgemm.expected if lutgemm else {}
         in_features = sum(self._shape(layer.index, m)[1] for layer in run.layout.layers for m in layer.linears)
-        self.total_size = (lutgemm.total_size if lutgemm else 0) + layout_bytes(layout) + 4 * in_features
+        parts = layout_bytes(layout) if run.parts is not None else 0  # beside the folder, about as large
+        self.total_size = (lutgemm.total_size if lutgemm else 0) + layout_bytes(layout) + parts + 4 * in_features
         run.folder = self
 
     def _shape(self, index: int, module: str) -> tuple[int, int]:

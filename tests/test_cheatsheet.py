@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.quant.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, PartStore, build_cheatsheet
+from common.io.parts import PartStore
+from common.quant.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, build_cheatsheet
 from common.io.model_files import Checkpoint
 from common.quant.residual import decode_cheatsheet
 from common.tiny_models import build_model

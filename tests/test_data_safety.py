@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cheatsheet
-from common.quant.cheatsheet_build import PARTS_DIR, PartStore
+from common.io.parts import PartStore
+from common.quant.cheatsheet_build import PARTS_DIR
 from common.errors import run_main
 from common.io.outputs import MANIFEST, output_lock
 from tests.helpers import ROOT, assert_input_error, run_script

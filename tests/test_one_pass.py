@@ -161,3 +161,45 @@ def test_symmetric_quantization_writes_the_artifacts_only(llama_pair, corpus_fil
     assert_same_tree(load(tmp_path / "one" / "cheatsheet.pt"), load(tmp_path / "art" / "cheatsheet.pt"))
     first, second = all_tensors(tmp_path / "one-fq"), all_tensors(tmp_path / "fq")
     assert all(torch.equal(first[k], second[k]) for k in second)
+
+
+def test_interrupted_run_resumes_from_its_parts(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """Stopped after layer 0 (like Ctrl-C), the same command goes on from layer 1: layer 0's search and
+    cheatsheet come from its part, and every file equals an uninterrupted run's."""
+    import decdec_setup
+    from common.io.parts import PartStore
+    from common.one_pass import parts_folder
+    from common.quant import awq_search, cheatsheet_build
+
+    original, _ = llama_pair
+    args = ["--model", original, "--method", "awq", "--q_group_size", GROUP, "--calib_data", corpus_file,
+            "--awq_dtype", "float32", *SEARCH, "--dataset", corpus_file, *THRESHOLDS, "--device", DEVICE, "--quiet"]
+    args = [str(a) for a in args]
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "whole"), "--dump_awq", str(tmp_path / "whole.pt")]) == 0
+    resumed = tmp_path / "resumed"
+    real_write = PartStore.write
+
+    def write_then_stop(self, layer, results):
+        real_write(self, layer, results)
+        if layer == 0:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(PartStore, "write", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            decdec_setup.main([*args, "--output", str(resumed), "--dump_awq", str(tmp_path / "resumed.pt")])
+    assert not resumed.exists()
+    assert sorted(p.name for p in parts_folder(resumed).iterdir()) == ["fingerprint.json", "layer-00000.safetensors"]
+
+    searched, sheets = [], []
+    real_search, real_add = awq_search.LayerwiseSearch.layer, cheatsheet_build.LayerResults.add_linear
+    monkeypatch.setattr(awq_search.LayerwiseSearch, "layer",
+                        lambda self, index, *a: searched.append(index) or real_search(self, index, *a))
+    monkeypatch.setattr(cheatsheet_build.LayerResults, "add_linear",
+                        lambda self, *a: sheets.append(self.layer.index) or real_add(self, *a))
+    assert decdec_setup.main([*args, "--output", str(resumed), "--dump_awq", str(tmp_path / "resumed.pt")]) == 0
+    assert searched == [1] and set(sheets) == {1}  # layer 0 came from its part
+    assert not parts_folder(resumed).exists()
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
+        assert_same_tree(load(resumed / name), load(tmp_path / "whole" / name), name)
+    assert_same_tree(load(tmp_path / "resumed.pt"), load(tmp_path / "whole.pt"), "results")

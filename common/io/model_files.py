@@ -155,6 +155,10 @@ class Checkpoint:
         if not self.tensors:
             raise InputError(f"{model_dir}: the checkpoint holds no tensors")
 
+    def files(self) -> list[Path]:
+        """The weight files the tensors come from."""
+        return sorted({info.file for info in self.tensors.values()})
+
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._bin_shards:
             try:

@@ -258,6 +258,15 @@ class LayerwiseSearch:
             self.model.unload_layer(index)
         return transforms
 
+    def skip(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Layer `index`, searched by an earlier run: only its forward, for the next layer's inputs
+        (the same outputs `layer` computes, before any scaling)."""
+        layer = self.model.load_layer_from(index, tensors)
+        try:
+            self.inputs = self.model.run_layer(index, layer, self.inputs)
+        finally:
+            self.model.unload_layer(index)
+
     def close(self) -> None:
         self.model.close()
 

@@ -8,8 +8,6 @@ model size, and parts whose fingerprint matches are reused after an interruption
 """
 from __future__ import annotations
 
-import json
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -17,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from common.errors import InputError
 from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
-from common.io.model_files import Checkpoint, float16_check, read_safetensors_file
+from common.io.model_files import Checkpoint, float16_check
 from common.io.outputs import atomic_file
+from common.io.parts import PartStore, file_identities
 from common.quant.residual import pack_nibbles, quantize_residual, reorder_scales
 from common.io.prefetch import prefetched
 from common.io.torchsave import StreamedWriter, TensorMeta, layout_bytes
@@ -97,11 +95,8 @@ class PairedModels:
         return self.original.tensors[self.layout.layers[layer].linears[module]].shape  # type: ignore[return-value]
 
     def fingerprint(self, options: CheatsheetOptions) -> dict:
-        def files(checkpoint: Checkpoint) -> list:
-            paths = sorted({info.file for info in checkpoint.tensors.values()})
-            return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-        return {"version": PART_FORMAT_VERSION, "original": files(self.original),
-                "quantized": files(self.quantized), "options": asdict(options)}
+        return {"version": PART_FORMAT_VERSION, "original": file_identities(self.original.files()),
+                "quantized": file_identities(self.quantized.files()), "options": asdict(options)}
 
 
 def output_layout(models: PairedModels, options: CheatsheetOptions, kind: str) -> list[dict]:
@@ -158,50 +153,6 @@ def add_fused_entries(layer_results: dict[str, dict[str, torch.Tensor]], modules
         }
 
 
-class PartStore:
-    """Per-layer part files in <save_path>/.cheatsheet-parts, valid for one fingerprint."""
-
-    def __init__(self, save_path: Path, fingerprint: dict):
-        self.dir = save_path / PARTS_DIR
-        stamp = self.dir / "fingerprint.json"
-        if self.dir.exists():
-            try:
-                same = json.loads(stamp.read_text()) == fingerprint
-            except (OSError, json.JSONDecodeError):
-                same = False
-            if not same:
-                shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp-*"):  # a killed run's half-written part (we hold the lock)
-            stale.unlink(missing_ok=True)
-        stamp.write_text(json.dumps(fingerprint))
-
-    def path(self, layer: int) -> Path:
-        return self.dir / f"layer-{layer:05d}.safetensors"
-
-    def done(self, layer: int) -> bool:
-        return self.path(layer).is_file()
-
-    def write(self, layer: int, results: dict[str, dict[str, torch.Tensor]]) -> None:
-        flat = {f"{module}|{key}": tensor.contiguous() for module, fields in results.items()
-                for key, tensor in fields.items()}
-        with atomic_file(self.path(layer), self.resume_hint()) as temp:
-            temp.write_bytes(safetensors_bytes(flat))
-
-    def resume_hint(self) -> str:
-        return f"; finished layers are kept in {self.dir}: the same command resumes from them"
-
-    def read(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
-        results: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in read_safetensors_file(self.path(layer)).items():
-            module, field = key.split("|", 1)
-            results.setdefault(module, {})[field] = tensor
-        return results
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def item_for_output(results: dict[str, dict[str, torch.Tensor]], kind: str) -> dict:
     """One layer's entry of output `kind`, in the SPEC §3 layout."""
     item: dict = {}
@@ -222,7 +173,7 @@ def build_cheatsheet(models: PairedModels, save_path: Path, options: CheatsheetO
     Each finished layer goes to its part file (for resuming) and, at the same time, into the
     final files, which background threads write (and rename) in layer order.
     """
-    parts = PartStore(save_path, models.fingerprint(options))
+    parts = PartStore(save_path / PARTS_DIR, models.fingerprint(options))
     targets = {kind: save_path / OUTPUT_FILES[kind] for kind in options.outputs()}
     try:
         with ExitStack() as stack:

@@ -151,33 +151,35 @@ def _warm_up() -> None:
     """Run first in the child: unpickling this reference imports torch and NumPy there."""
 
 
-def _read_layer_as_bytes(folder: QuantizedFolder, index: int) -> tuple[dict, dict]:
-    """In the child: a layer's tables as (dtype, shape, bytes) per module. NumPy bytes cross the
-    pipe; torch tensors would go through /dev/shm, which a container may limit to 64 MB."""
-    return tuple({module: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                           t.contiguous().reshape(-1).view(torch.uint8).numpy())
-                  for module, t in table.items()} for table in folder.read_layer(index))
-
-
 class TableReader:
     """`QuantizedFolder.read_layer` run in a child process, beside the device work.
 
     torch's weights-only unpickler rebuilds a pickled NumPy array through one long string, holding
-    the GIL: about 0.6 s per layer of an 8B model, during which the main thread cannot launch
-    device work (the SqueezeLLM one pass took 21 s longer than RTN on an H200 for that alone)."""
+    the GIL for ~0.8 s per layer of an 8B model; in a reader thread that starved the main thread's
+    kernel launches (6x fewer on an H200: bench/sqllm_tables.py). The child hands its tensors over
+    in shared memory (torch.multiprocessing); where that fails (a container's /dev/shm may hold
+    only 64 MB), the layers are read in this process instead."""
 
     def __init__(self, folder: QuantizedFolder):
         self.folder = folder
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self._pool.submit(_warm_up)  # start the child (and its imports) now, not at the first layer
 
     def read_layer(self, index: int) -> Tables:
-        tables = self._pool.submit(_read_layer_as_bytes, self.folder, index).result()
-        return tuple({module: torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
-                      for module, (dtype, shape, raw) in table.items()} for table in tables)
+        if self._pool is not None:
+            try:
+                return self._pool.submit(self.folder.read_layer, index).result()
+            except InputError:
+                raise
+            except Exception:  # noqa: BLE001 - no shared memory, or the child died: read here from now on
+                self.close()
+        return self.folder.read_layer(index)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> "TableReader":
         return self

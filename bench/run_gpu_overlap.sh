@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The set-up overlap round (2026-11-29, second session): what the SqueezeLLM tables' loading costs the
+# main thread (bench/sqllm_tables.py), then decdec_setup.py rtn and conv_awq.py's whole AWQ path on the
+# 8B shape, cold, with the calibration set-up beside the first layers.
+# Usage: bash bench/run_gpu_overlap.sh [work dir] [log dir]     (about 55 GB of disk)
+. "$(dirname "$0")/common.sh" "$@"
+THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
+
+info "SqueezeLLM tables: thread vs child process"
+$PY bench/sqllm_tables.py "$W/tables"; rm -rf "$W/tables"
+
+info "8B-shaped model, calibration text"
+[ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape 8b --out "$W/original"
+$PY -c "
+import json, sys; sys.path.insert(0, '.')
+from common.tiny_models import local_corpus
+open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))
+open('$W/calib.jsonl', 'w').write('\n'.join(json.dumps({'text': t}) for t in local_corpus() * 4))"
+$M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
+
+info "decdec_setup.py rtn, 3 bit g128"
+$M --label decdec_setup-rtn-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/rtn" --method rtn \
+    --w_bit 3 --q_group_size 128 $THRESHOLDS --quiet 2> "$LOG/rtn.err"
+cat "$LOG/rtn.err"; rm -rf "$W/rtn"
+
+info "conv_awq.py: search + every output, one command, cold"
+$M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
+    --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
+    --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
+    --quiet 2> "$LOG/conv_awq.err"
+cat "$LOG/conv_awq.err"; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
+info "done"
