@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's GPU benchmark: decdec_setup.py on the 8B shape, cold, for rtn, sqllm and awq (with search),
 # with the read floor of the inputs measured in the same run.
-# Usage: bash bench/run_gpu_one_pass.sh [work dir] [log dir]      (about 40 GB of disk)
+# Usage: [CONV_SQLLM=1] bash bench/run_gpu_one_pass.sh [work dir] [log dir]      (about 40 GB of disk)
 . "$(dirname "$0")/common.sh" "$@"
 THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 
@@ -25,8 +25,10 @@ $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sq
 $M --label decdec_setup-sqllm-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/sq" --method sqllm \
     --quantized_path "$W/sqllm3" $THRESHOLDS --quiet 2> "$LOG/sqllm.err"
 cat "$LOG/sqllm.err"; rm -rf "$W/sq"
-$M --label conv_sqllm-8b -- $PY conv_sqllm.py --original_model_path "$W/original" --quantized_path "$W/sqllm3" \
-    --output_path "$W/sqfq" --quiet
+if [ -n "${CONV_SQLLM:-}" ]; then  # the separate converter too (its tables are read the same way)
+  $M --label conv_sqllm-8b -- $PY conv_sqllm.py --original_model_path "$W/original" --quantized_path "$W/sqllm3" \
+      --output_path "$W/sqfq" --quiet
+fi
 rm -rf "$W/sqfq" "$W/sqllm3"
 
 info "awq with the search (80k calibration tokens), 3 bit g128"

@@ -164,8 +164,8 @@ def test_symmetric_quantization_writes_the_artifacts_only(llama_pair, corpus_fil
 
 
 def test_interrupted_run_resumes_from_its_parts(llama_pair, corpus_file, tmp_path, monkeypatch):
-    """Stopped after layer 0 (like Ctrl-C), the same command goes on from layer 1: layer 0's search and
-    cheatsheet come from its part, and every file equals an uninterrupted run's."""
+    """Stopped after layer 0 (like Ctrl-C), the same command goes on from layer 1: layer 0's search
+    results (and on a CPU its cheatsheet) come from its part; every file equals an uninterrupted run's."""
     import decdec_setup
     from common.io.parts import PartStore
     from common.one_pass import parts_folder
@@ -197,7 +197,8 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, corpus_file, tmp_pat
     monkeypatch.setattr(cheatsheet_build.LayerResults, "add_linear",
                         lambda self, *a: sheets.append(self.layer.index) or real_add(self, *a))
     assert decdec_setup.main([*args, "--output", str(resumed), "--dump_awq", str(tmp_path / "resumed.pt")]) == 0
-    assert searched == [1] and set(sheets) == {1}  # layer 0 came from its part
+    assert searched == [1]  # layer 0's search results came from its part
+    assert set(sheets) == ({1} if DEVICE == "cpu" else {0, 1})  # its cheatsheet too, where costly (a CPU)
     assert not parts_folder(resumed).exists()
     load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
     for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
