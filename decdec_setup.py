@@ -191,7 +191,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             raise
         return calibration
 
-    calibration = start_calibration(build_calibration)
+    calibration = start_calibration(build_calibration, beside=device.type == "cuda")
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
     parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
     return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (calibration "
-            f"set-up {set_up:.1f} s, beside the first layers; per layer: {stages}{memory})")
+            f"set-up {set_up:.1f} s{', beside the first layers' if device.type == 'cuda' else ''}; per layer: {stages}{memory})")
 
 
 if __name__ == "__main__":
