@@ -204,3 +204,37 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, corpus_file, tmp_pat
     for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
         assert_same_tree(load(resumed / name), load(tmp_path / "whole" / name), name)
     assert_same_tree(load(tmp_path / "resumed.pt"), load(tmp_path / "whole.pt"), "results")
+
+
+def test_layers_ahead_of_the_calibration_get_the_same_thresholds(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """On a GPU the calibration set-up runs beside the first layers, whose thresholds come after it from
+    their weights read again. Forced here with a set-up held until every layer has passed: every file
+    equals the run that built the calibration first."""
+    import threading
+
+    import decdec_setup
+    from common import one_pass
+
+    original, _ = llama_pair
+    args = [str(a) for a in ["--model", original, "--method", "rtn", "--q_group_size", GROUP, "--dataset", corpus_file,
+                             *THRESHOLDS, "--device", DEVICE, "--quiet"]]
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "first")]) == 0
+    release, deferred = threading.Event(), []
+    real_start, real_transform = one_pass.start_calibration, one_pass.OnePass.transform
+
+    def held_beside(build, beside):
+        return real_start(lambda: release.wait(timeout=120) and build(), beside=True)
+
+    def transform(self, index, *rest):
+        outputs = real_transform(self, index, *rest)
+        if index == len(self.layout.layers) - 1:
+            deferred.extend(self.deferred)
+            release.set()
+        return outputs
+    monkeypatch.setattr(one_pass, "start_calibration", held_beside)
+    monkeypatch.setattr(one_pass.OnePass, "transform", transform)
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "beside")]) == 0
+    assert deferred == [0, 1]
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
+        assert_same_tree(load(tmp_path / "beside" / name), load(tmp_path / "first" / name), name)
