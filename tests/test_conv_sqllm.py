@@ -148,3 +148,33 @@ def test_bad_inputs(llama_pair, tmp_path):
                         "--output_path", existing)
     assert_input_error(result, "existing", "--overwrite")
     assert (existing / "keep").read_text() == "x"
+
+
+def test_table_reader_child_process_and_fallback(llama_pair, tmp_path):
+    """The tables come back from the child process equal to reading them here; when the child cannot
+    hand them over (say, /dev/shm too small), the reader reads them here from then on."""
+    from concurrent.futures import Future
+
+    from common.quant.sqllm import QuantizedFolder, TableReader
+    original, _ = llama_pair
+    make_quantized_folder(original, tmp_path / "q")
+    folder = QuantizedFolder.open(tmp_path / "q", None)
+
+    def same(a, b) -> bool:
+        return all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in (0, 1))
+    with TableReader(folder) as reader:
+        assert same(reader.read_layer(1), folder.read_layer(1))
+        assert reader._pool is not None  # the child served it
+
+        class NoSharedMemory:
+            def submit(self, *args):
+                failed: Future = Future()
+                failed.set_exception(RuntimeError("unable to write to file </torch_1_2>: No space left on device"))
+                return failed
+
+            def shutdown(self, **kwargs):
+                pass
+        reader.close()
+        reader._pool = NoSharedMemory()
+        assert same(reader.read_layer(0), folder.read_layer(0))
+        assert reader._pool is None

@@ -162,9 +162,12 @@ class TableReader:
 
     def __init__(self, folder: QuantizedFolder):
         self.folder = folder
-        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        self._pool.submit(_warm_up)  # start the child (and its imports) now, not at the first layer
+        self._pool: ProcessPoolExecutor | None = None
+        try:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool.submit(_warm_up)  # start the child (and its imports) now, not at the first layer
+        except (OSError, RuntimeError):  # no child processes here: read in this process
+            self.close()
 
     def read_layer(self, index: int) -> Tables:
         if self._pool is not None:
