@@ -8,9 +8,10 @@ scripts run, each the same function they call:
   thresholds   the (scaled) original's layer over the calibration samples (common.calib.activation_stats)
 The converter (common.io.convert) reads the layers ahead and writes the model outputs behind; the
 output folder's writer streams cheatsheet.pt as layers finish and writes thresholds.pt at the end.
-The calibration set-up (mostly importing transformers: 15-20 s on some machines) runs in a thread
-beside the first layers; RTN and SqueezeLLM layers that pass before it is ready get their
+On a GPU the calibration set-up (mostly importing transformers: 15-20 s on some machines) runs in a
+thread beside the first layers; RTN and SqueezeLLM layers that pass before it is ready get their
 thresholds afterwards, from their weights read again (the page cache usually still holds them).
+Finished layers' costly results go to part files, so an interrupted run resumes (common.io.parts).
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def transforms_to_part(transforms: LayerTransforms) -> dict[str, dict[str, torch
 
 
 def transforms_from_part(part: dict[str, dict[str, torch.Tensor]]) -> LayerTransforms:
+    """The inverse of `transforms_to_part`, in the search's order."""
     transforms = LayerTransforms()
     scale_entries = sorted((int(key.rsplit(".", 1)[1]), fields) for key, fields in part.items()
                            if key.startswith(f"{AWQ_PART}scale."))
