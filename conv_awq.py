@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from common.quant.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
                         load_bit_widths, load_results, split_by_layer)
 from common.quant.awq_search import start_search  # noqa: E402
-from common.background import run_beside  # noqa: E402
+from common.background import close_when_done, run_beside  # noqa: E402
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
@@ -173,7 +173,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
                       writer_for=writer_for)
     finally:
         if pending_search is not None:  # free the search once its set-up ends, without waiting for it
-            pending_search.add_done_callback(lambda done: None if done.exception() else done.result().close())
+            close_when_done(pending_search)
     if args.dump_awq:
         from common.quant.awq_search import results_entries
         from common.io.torchsave import save_atomically

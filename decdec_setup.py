@@ -152,8 +152,9 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
     from common.io.parts import PartStore
-    from common.one_pass import (Calibration, OnePass, SetupFolderWriter, close_calibration, parts_folder,
-                                 run_fingerprint, start_calibration)
+    from common.background import close_when_done
+    from common.one_pass import (Calibration, OnePass, SetupFolderWriter, parts_folder, run_fingerprint,
+                                 start_calibration)
     from common.quant.sqllm import QuantizedFolder, TableReader
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         parts.remove()  # bad input: a rerun with the same input cannot use them
         raise
     finally:
-        close_calibration(calibration)
+        close_when_done(calibration)
         if tables is not None:
             tables.close()
     if args.dump_awq:

@@ -3,11 +3,8 @@
 # tokens: decdec_setup.py against the three separate commands that make the same folder. Cold cache each.
 # Usage: bash bench/run_cpu_one_pass.sh [work dir] [log dir]
 DEFAULT_WORK=/tmp/decdec-cpu-bench . "$(dirname "$0")/common.sh" "$@"
-[ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape tinyllama --layers 4 --out "$W/original"
-$PY -c "
-import sys; sys.path.insert(0, '.')
-from common.tiny_models import local_corpus
-open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))"
+model tinyllama "$W/original" --layers 4
+corpus_files
 T="--dataset $W/calibration.txt --sampling concat --seq_len 128 --num_examples 16 --device cpu --quiet"
 for round in 1 2; do
   rm -rf "$W/fq" "$W/sep" "$W/one"

@@ -3,15 +3,11 @@
 # Usage: bash bench/run_gpu.sh [work dir] [log dir]   (SKIP_GPU_VS_CPU=1 / SKIP_70B=1 leave those parts out)
 . "$(dirname "$0")/common.sh" "$@"
 
-info "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2
-$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+machine
 
 info "8B-shaped model and its 3-bit RTN g128 twin"
-$PY bench/synthetic.py --shape 8b --out "$W/original"
-$PY -c "
-import sys; sys.path.insert(0, '.')
-from common.tiny_models import local_corpus
-open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))"
+model 8b "$W/original"
+corpus_files
 $M --label conv_awq-rtn-8b -- $PY conv_awq.py --model_path "$W/original" --w_bit 3 --q_group_size 128 \
     --fakequant_output "$W/fakequant" --quiet
 $M --label io-floor-read-both-8b -- $PY bench/read_floor.py "$W/original" "$W/fakequant"
@@ -25,7 +21,7 @@ $PY -c "import sys, cheatsheet; print('transformers imported by cheatsheet.py:',
 
 info "GPU vs CPU bytes (2 layers of the TinyLlama shape)"
 [ -n "${SKIP_GPU_VS_CPU:-}" ] || {
-$PY bench/synthetic.py --shape tinyllama --layers 2 --out "$W/small"
+model tinyllama "$W/small" --layers 2
 $PY conv_awq.py --model_path "$W/small" --w_bit 3 --q_group_size 128 --fakequant_output "$W/small-fq" --quiet
 $PY bench/gpu_vs_cpu.py "$W/small" "$W/small-fq"
 rm -rf "$W/small" "$W/small-fq"
@@ -46,7 +42,7 @@ rm -rf "$W/sqllm3" "$W/sqllm3-fq" "$W/original"
 
 info "70B-shaped layers: thresholds.py GPU memory"
 [ -n "${SKIP_70B:-}" ] || {
-$PY bench/synthetic.py --shape 70b --layers 4 --out "$W/70b"
+model 70b "$W/70b" --layers 4
 $M --label thresholds-70b-4layers -- $PY thresholds.py --model_path "$W/70b" --save_path "$W/artifacts70" \
     --dataset "$W/calibration.txt" --sampling concat --seq_len 512 --num_examples 100 2> "$LOG/thresholds-70b.err"
 grep "layers," "$LOG/thresholds-70b.err"

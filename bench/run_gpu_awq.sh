@@ -4,15 +4,11 @@
 # Usage: bash bench/run_gpu_awq.sh [work dir] [log dir]     (about 53 GB of disk)
 . "$(dirname "$0")/common.sh" "$@"
 
-info "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2
-$PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+machine
 
 info "8B-shaped model; calibration text: 460 passages give ~80k tokens (157 blocks of 512)"
-$PY bench/synthetic.py --shape 8b --out "$W/original"
-$PY -c "
-import json, sys; sys.path.insert(0, '.')
-from common.tiny_models import local_corpus
-open('$W/calib.jsonl', 'w').write('\n'.join(json.dumps({'text': t}) for t in local_corpus() * 4))"
+model 8b "$W/original"
+corpus_files
 $M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
 
 info "conv_awq.py: search + every output, one command, cold"

@@ -5,13 +5,9 @@
 . "$(dirname "$0")/common.sh" "$@"
 THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 
-info "machine"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
-[ -f "$W/original/config.json" ] || $PY bench/synthetic.py --shape 8b --out "$W/original"
-$PY -c "
-import json, sys; sys.path.insert(0, '.')
-from common.tiny_models import local_corpus
-open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))
-open('$W/calib.jsonl', 'w').write('\n'.join(json.dumps({'text': t}) for t in local_corpus() * 4))"
+machine
+model 8b "$W/original"
+corpus_files
 $M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
 
 info "rtn, 3 bit g128"

@@ -1,15 +1,8 @@
 #!/usr/bin/env bash
 # Re-measure thresholds.py (cold, and with warm Python libraries) and the converters' memory.
-set -uo pipefail
-W=${1:-/tmp/decdec-bench}; LOG=${2:-$W}; PY=${PYTHON:-python3}
-mkdir -p "$W" "$LOG"
-M="$PY bench/measure.py --log $LOG/bench.jsonl"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-$PY bench/synthetic.py --shape 8b --out "$W/original"
-$PY -c "
-import sys; sys.path.insert(0, '.')
-from common.tiny_models import local_corpus
-open('$W/calibration.txt', 'w').write('\n\n'.join(local_corpus()))"
+. "$(dirname "$0")/common.sh" "$@"
+model 8b "$W/original"
+corpus_files
 T="$PY thresholds.py --model_path $W/original --dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 $M --label thresholds-8b -- $T --save_path "$W/a1" 2> "$LOG/t1.err"
 sync; echo 3 > /proc/sys/vm/drop_caches; $PY -c "import torch, transformers.modeling_utils, tokenizers"

@@ -49,3 +49,9 @@ def run_beside(build: Callable[[], T], name: str) -> Future:
     future.set_running_or_notify_cancel()
     threading.Thread(target=work, name=name, daemon=True).start()
     return future
+
+
+def close_when_done(future: Future) -> None:
+    """Close what a set-up built once it ends (if it succeeded), without waiting for it: a run
+    that failed meanwhile need not sit out the rest of the imports."""
+    future.add_done_callback(lambda done: None if done.exception() else done.result().close())

@@ -73,11 +73,6 @@ def start_calibration(build: Callable[[], Calibration], beside: bool) -> Future:
     return done
 
 
-def close_calibration(future: Future) -> None:
-    """Free what the calibration holds once its set-up ends, without waiting for it."""
-    future.add_done_callback(lambda done: None if done.exception() else done.result().close())
-
-
 AWQ_PART = "awq."  # part entries holding a layer's search results, beside its cheatsheet modules
 
 
@@ -233,8 +228,7 @@ class OnePass:
     def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
         """A layer's weights as stored, read again for its deferred thresholds (usually from the page
         cache: it was read moments ago)."""
-        return {local: self.checkpoint.read_raw(name, self.device.type == "cuda")
-                for local, name in self.layout.layers[index].tensor_names().items()}
+        return self.checkpoint.read_named(self.layout.layers[index].tensor_names(), self.device.type == "cuda")
 
     def finish(self) -> list[str]:
         """After the last layer: the remaining thresholds, the all-zero check and thresholds.pt's

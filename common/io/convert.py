@@ -74,7 +74,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
 
         def read_layer(index: int) -> tuple[dict[str, torch.Tensor], Any]:
             names = layout.layers[index].tensor_names() if read_linears else dict(layout.layers[index].others)
-            return {local: checkpoint.read_raw(name, pin) for local, name in names.items()}, read_extras(index)
+            return checkpoint.read_named(names, pin), read_extras(index)
 
         def write_layer(outputs: dict[str, dict[str, torch.Tensor]]) -> None:
             for key, tensors in outputs.items():

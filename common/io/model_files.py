@@ -179,6 +179,10 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=info.dtype, pin_memory=pin).copy_(source)
         return read_tensor(info, self._fd(info.file), pin)
 
+    def read_named(self, names: dict[str, str], pin: bool = False) -> dict[str, torch.Tensor]:
+        """`read_raw` of each tensor name, keyed as `names` keys them (e.g. by name inside a layer)."""
+        return {key: self.read_raw(name, pin) for key, name in names.items()}
+
     def read(self, name: str, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The tensor cast to `dtype` on the CPU."""
         return self.read_raw(name).to(dtype)
