@@ -66,7 +66,7 @@ def convert(args: argparse.Namespace, model_dir: Path, quantized: QuantizedFolde
         return {"fakequant": {**tensors, **quantized.fake_quantized_layer(index, tables, shapes, device,
                                                                            checkpoint.dir)}}
 
-    with TableReader(quantized) as tables:
+    with TableReader(quantized, len(layout.layers)) as tables:
         convert_model(checkpoint, layout, {"fakequant": output}, transform, device,
                       parse_size(args.max_shard_size), args.overwrite,
                       lambda items, desc, total: progress(items, args.quiet, desc, total), tables.read_layer,

@@ -143,18 +143,18 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.calib.activation_stats import LayerwiseThresholds
     from common.quant.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
     from common.quant.awq_search import StageTimes, start_search
-    from common.calib.calibration import draw_samples, load_texts
+    from common.calib.thresholds_job import ThresholdsJob
     from common.quant.cheatsheet_build import CheatsheetOptions, check_packable
     from common.io.convert import convert_model
     from common.layers import check_seq_len, find_layers
-    from common.calib.layerwise import LayerwiseModel, load_tokenizer
+    from common.calib.layerwise import LayerwiseModel
     from common.quant.lutgemm import CheckpointWriter
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
     from common.io.parts import PartStore
     from common.background import close_when_done
     from common.one_pass import (Calibration, OnePass, SetupFolderWriter, parts_folder, run_fingerprint,
-                                 start_calibration)
+                                 start_calibration, start_thresholds_child, thresholds_in_child)
     from common.quant.sqllm import QuantizedFolder, TableReader
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
@@ -173,12 +173,13 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             transforms = split_by_layer(load_results(Path(args.awq_results)), Path(args.awq_results), checkpoint,
                                         layout, args.q_group_size)
     check_seq_len(checkpoint, args.seq_len)
-    tables = TableReader(sqllm) if sqllm else None  # its child process starts beside the set-up
+    job = ThresholdsJob(model_dir, args.dataset, args.text_column, args.sampling, args.seq_len, args.num_examples,
+                        args.random_state, args.dtype, args.batch_size, str(device), args.trust_remote_code, "--model")
+    child = start_thresholds_child(job) if thresholds_in_child(args.method, device) else None
+    tables = TableReader(sqllm, layers) if sqllm else None  # its child processes start now
 
     def build_calibration() -> Calibration:
-        tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
-        samples = draw_samples(load_texts(args.dataset, args.text_column), tokenizer, args.sampling, args.seq_len,
-                               args.num_examples, args.random_state)
+        samples = job.samples()
         model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
                                via_float16=args.method == "awq")
         try:
@@ -192,12 +193,12 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             raise
         return calibration
 
-    calibration = start_calibration(build_calibration, beside=device.type == "cuda")
+    calibration = None if child else start_calibration(build_calibration, beside=device.type == "cuda")
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
     parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
                        device, quantizers, transforms, sqllm, {key for key in outputs if key != "folder"},
-                       not args.no_clamp, StageTimes(device), parts=parts)
+                       not args.no_clamp, StageTimes(device), parts=parts, thresholds_child=child)
 
     def folder_writer(folder: Path) -> SetupFolderWriter:
         lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout,
@@ -214,7 +215,10 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         parts.remove()  # bad input: a rerun with the same input cannot use them
         raise
     finally:
-        close_when_done(calibration)
+        if calibration is not None:
+            close_when_done(calibration)
+        if child is not None:
+            child.stop()
         if tables is not None:
             tables.close()
     if args.dump_awq:
@@ -223,11 +227,13 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     parts.remove()
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
-    set_up = calibration.result().seconds
+    beside = (f"thresholds in a second process {child.seconds:.1f} s" if child else
+              f"calibration set-up {calibration.result().seconds:.1f} s"
+              + (", beside the first layers" if device.type == "cuda" else ""))
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
-    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (calibration "
-            f"set-up {set_up:.1f} s{', beside the first layers' if device.type == 'cuda' else ''}; per layer: {stages}{memory})")
+    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s ({beside}; "
+            f"per layer: {stages}{memory})")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, device, started: float) -> int:
     """Everything after the checks of the arguments, while this run holds the output."""
     import torch
-    from common.calib.calibration import draw_samples, load_texts
+    from common.calib.thresholds_job import ThresholdsJob, model_thresholds
     from common.layers import check_seq_len, find_layers
-    from common.calib.layerwise import load_tokenizer
     from common.io.model_files import Checkpoint
     from common.io.outputs import check_free_space
     from common.io.torchsave import save_atomically
@@ -100,13 +99,13 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
     check_seq_len(checkpoint, args.seq_len)
     in_features = sum(checkpoint.tensors[name].shape[1] for layer in layout.layers for name in layer.linears.values())
     check_free_space([(target, 4 * in_features + (1 << 20), "thresholds.pt")])
-    tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
-    texts = load_texts(args.dataset, args.text_column)
-    samples = draw_samples(texts, tokenizer, args.sampling, args.seq_len, args.num_examples, args.random_state)
+    job = ThresholdsJob(model_dir, args.dataset, args.text_column, args.sampling, args.seq_len, args.num_examples,
+                        args.random_state, args.dtype, args.batch_size, str(device), args.trust_remote_code)
+    samples = job.samples()
     loaded = time.time()
 
-    thresholds = calibrate(checkpoint, layout, samples, device, getattr(torch, args.dtype), args.batch_size,
-                           args.trust_remote_code, args.quiet)
+    thresholds = model_thresholds(checkpoint, layout, samples, device, getattr(torch, args.dtype), args.batch_size,
+                                  args.trust_remote_code, lambda items, desc: progress(items, args.quiet, desc))
     if not args.no_clamp:
         from common.calib.activation_stats import clamp_to_fp16
         for line in clamp_to_fp16(thresholds):
@@ -118,27 +117,6 @@ def calibrate_and_save(args: argparse.Namespace, model_dir: Path, target: Path, 
                    + (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
                       if device.type == "cuda" else ""))
     return 0
-
-
-def calibrate(checkpoint, layout, samples, device, dtype, batch_size: int, trust_remote_code: bool = False,
-              quiet: bool = True) -> list[dict]:
-    """thresholds.pt's content: one dict module -> float32 [in] per decoder layer."""
-    from common.calib.activation_stats import layer_thresholds
-    from common.calib.layerwise import LayerwiseModel
-    model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
-    try:
-        inputs = model.capture_inputs(list(samples.split(batch_size)))
-        model.release_outside_layers()
-        thresholds = []
-        for index in progress(range(len(layout.layers)), quiet, "thresholds layers"):
-            layer = model.load_layer(index)
-            model.prefetch(index + 1)
-            maxima, inputs = layer_thresholds(model, index, layer, inputs, set(layout.layers[index].linears))
-            thresholds.append(maxima)
-            model.unload_layer(index)
-    finally:
-        model.close()
-    return thresholds
 
 
 if __name__ == "__main__":

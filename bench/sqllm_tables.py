@@ -66,7 +66,7 @@ def main() -> None:
             pool.submit(int).result()
         if reader == "pipe":
             from common.quant.sqllm import TableReader
-            tables = TableReader(folder)
+            tables = TableReader(folder, layers, workers=1)
             tables.read_layer(0)
             load = tables.read_layer
         elif reader == "shm":

@@ -8,9 +8,12 @@ scripts run, each the same function they call:
   thresholds   the (scaled) original's layer over the calibration samples (common.calib.activation_stats)
 The converter (common.io.convert) reads the layers ahead and writes the model outputs behind; the
 output folder's writer streams cheatsheet.pt as layers finish and writes thresholds.pt at the end.
-On a GPU the calibration set-up (mostly importing transformers: 15-20 s on some machines) runs in a
-thread beside the first layers; RTN and SqueezeLLM layers that pass before it is ready get their
-thresholds afterwards, from their weights read again (the page cache usually still holds them).
+RTN and SqueezeLLM thresholds depend on the original model only: on a GPU thresholds.py's own run
+computes them in a child process beside the layer loop (its imports, 15-20 s on some machines, and
+its Python work then never hold the loop's GIL; it reads the layers again, from the page cache
+as a rule). AWQ's thresholds are the scaled model's, so they run in the loop; on a GPU the
+calibration set-up (tokenizer, samples, the layer-by-layer model) is built in a thread beside the
+first reads, since the search needs it before the first layer.
 Finished layers' costly results go to part files, so an interrupted run resumes (common.io.parts).
 """
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 
 from common.background import run_beside
 from common.calib.activation_stats import LayerwiseThresholds, clamp_to_fp16
+from common.calib.thresholds_job import Thresholds, ThresholdsJob, from_arrays
+from common.child import ChildProcess
 from common.quant.awq import LayerTransforms, Quantizer, layer_outputs
 from common.quant.awq_search import LayerwiseSearch, StageTimes
 from common.quant.cheatsheet_build import OUTPUT_FILES, CheatsheetOptions, LayerResults, cheatsheet_layout, item_for_output
@@ -34,17 +39,31 @@ from common.layers import LayerLayout
 from common.quant.lutgemm import CheckpointWriter
 from common.io.model_files import Checkpoint, round_to_float16
 from common.io.parts import PartStore, file_identities
-from common.io.prefetch import prefetched
 from common.quant.sqllm import QuantizedFolder
 from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
 
 THRESHOLDS_FILE = "thresholds.pt"
 
 
+def thresholds_in_child(method: str, device: torch.device) -> bool:
+    """Where the thresholds of rtn / SqueezeLLM run beside the layer loop: on a GPU (8B shape, H200:
+    the loop's kernel launches no longer wait on the set-up's imports). On a CPU both would compete
+    for the same cores, so the thresholds run in the loop."""
+    return method != "awq" and device.type == "cuda"
+
+
+def start_thresholds_child(job: ThresholdsJob) -> ChildProcess | None:
+    """thresholds.py's run in a child process; None where no child process can start."""
+    try:
+        return ChildProcess(job.run, name="thresholds")
+    except (OSError, RuntimeError):
+        return None
+
+
 @dataclass
 class Calibration:
-    """What the calibration stages need: the thresholds' layer-by-layer model over the samples, and
-    the AWQ search's (when searching). Building them is mostly importing transformers."""
+    """What the in-loop calibration stages need: the thresholds' layer-by-layer model over the
+    samples, and the AWQ search's (when searching). Building them is mostly importing transformers."""
     thresholds: LayerwiseThresholds
     search: LayerwiseSearch | None = None
     seconds: float = 0.0  # to build them
@@ -56,10 +75,9 @@ class Calibration:
 
 
 def start_calibration(build: Callable[[], Calibration], beside: bool) -> Future:
-    """Build the calibration, `beside` the first layers' reads, quantization and cheatsheet (the
-    thresholds of those layers wait for it; the AWQ search needs it at once) or first. Beside pays
-    where the layers' work is on a GPU; on a CPU both compete for its cores (2 cores: 17.5-17.9 s
-    beside, 15.2 s first, for a 4-layer TinyLlama shape)."""
+    """Build the calibration `beside` the first reads and the outside tensors' copies (the AWQ search
+    waits for it at the first layer), or first. Beside pays on a GPU; on a CPU both compete for its
+    cores."""
     started = time.time()
 
     def timed() -> Calibration:
@@ -122,7 +140,7 @@ class OnePass:
     checkpoint: Checkpoint
     layout: LayerLayout
     method: str  # "rtn" | "awq" | "sqllm"
-    calibration: Future  # -> Calibration
+    calibration: Future | None  # -> Calibration; None when the thresholds run in a child process
     cheatsheet: CheatsheetOptions
     device: torch.device
     quantizers: list[Quantizer] = field(default_factory=list)  # rtn / awq
@@ -133,8 +151,9 @@ class OnePass:
     times: StageTimes | None = None
     folder: "SetupFolderWriter | None" = None
     any_residual: bool = False
-    deferred: list[int] = field(default_factory=list)  # layers whose thresholds wait for the calibration
     parts: PartStore | None = None  # finished layers (search results, cheatsheets), for resuming
+    thresholds_child: ChildProcess | None = None  # rtn / sqllm: thresholds.py's run beside the loop
+    thresholds: Thresholds | None = None  # thresholds.pt's content, once the last layer is done
 
     @property
     def cheatsheet_parts(self) -> bool:
@@ -150,15 +169,14 @@ class OnePass:
         linears = sorted(self.layout.layers[index].linears)
         part = self.parts.read(index) if self.parts is not None and self.parts.done(index) else {}
         saved_sheet = {module: fields for module, fields in part.items() if not module.startswith(AWQ_PART)}
-        if self.method == "awq":  # the search and the scaled model's thresholds need the calibration now
-            calibration = self._calibration_if_ready(wait=True)
+        if self.thresholds_child is not None:
+            if self.thresholds_child.future.done():  # its error now, not after the last layer
+                self.thresholds_child.future.result()
         else:
-            # thresholds of the original as stored (what thresholds.py reads), first: their layer copy is
-            # freed before the quantized weights exist, and then the float32 copies can go
-            calibration = self._calibration_if_ready()
-            if calibration is None:
-                self.deferred.append(index)
-            else:
+            calibration = self.calibration.result()
+            if self.method != "awq":
+                # thresholds of the original as stored (what thresholds.py reads), first: their layer copy is
+                # freed before the quantized weights exist, and then the float32 copies can go
                 calibration.thresholds.layer(index, tensors)
                 times.lap("thresholds")
         round_to_float16(tensors, where, self.layout.layers[index].stored_dtypes(self.checkpoint))
@@ -211,37 +229,19 @@ class OnePass:
             outputs["folder"] = results["real"]
         return outputs
 
-    def _calibration_if_ready(self, wait: bool = False) -> Calibration | None:
-        """The calibration once built (its set-up's error, if it failed), after the thresholds of the
-        layers that went ahead of it; None while it is being built, unless asked to wait."""
-        if not wait and not self.calibration.done():
-            return None
-        calibration = self.calibration.result()
-        if self.deferred:
-            for index, tensors in prefetched(self.deferred, self._read_layer, depth=1):
-                calibration.thresholds.layer(index, tensors)
-            self.deferred.clear()
-            if self.times is not None:
-                self.times.lap("thresholds of layers read again")
-        return calibration
-
-    def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
-        """A layer's weights as stored, read again for its deferred thresholds (usually from the page
-        cache: it was read moments ago)."""
-        return self.checkpoint.read_named(self.layout.layers[index].tensor_names(), self.device.type == "cuda")
-
     def finish(self) -> list[str]:
-        """After the last layer: the remaining thresholds, the all-zero check and thresholds.pt's
-        content; returns warnings."""
-        calibration = self._calibration_if_ready(wait=True)
+        """After the last layer: the all-zero check and thresholds.pt's content (waiting for the child
+        process's, if it computes them); returns warnings."""
         if not self.any_residual:
             raise InputError(f"{self.checkpoint.dir}: every residual is zero: the quantized model equals the "
                              "original, so the cheatsheet would be empty")
-        return clamp_to_fp16(calibration.thresholds.entries) if self.clamp else []
-
-    @property
-    def thresholds_entries(self) -> list[dict[str, torch.Tensor]]:
-        return self.calibration.result().thresholds.entries
+        if self.thresholds_child is not None:
+            self.thresholds = from_arrays(self.thresholds_child.future.result())
+            if self.times is not None:
+                self.times.lap("waiting for the thresholds process")
+        else:
+            self.thresholds = self.calibration.result().thresholds.entries
+        return clamp_to_fp16(self.thresholds) if self.clamp else []
 
 
 class SetupFolderWriter:
@@ -273,7 +273,7 @@ class SetupFolderWriter:
         if self.lutgemm:
             self.lutgemm.finish()
         self.cheatsheet.finish()
-        save_atomically(self.run.thresholds_entries, self.folder / THRESHOLDS_FILE)
+        save_atomically(self.run.thresholds, self.folder / THRESHOLDS_FILE)
 
     def close(self) -> None:
         if self.lutgemm:

@@ -162,7 +162,7 @@ def test_table_reader_child_process_and_fallback(llama_pair, tmp_path):
 
     def same(a, b) -> bool:
         return all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in (0, 1))
-    with TableReader(folder) as reader:
+    with TableReader(folder, 2, workers=2) as reader:
         assert same(reader.read_layer(1), folder.read_layer(1))
         assert reader._pool is not None  # the child served it
 

@@ -206,35 +206,39 @@ def test_interrupted_run_resumes_from_its_parts(llama_pair, corpus_file, tmp_pat
     assert_same_tree(load(tmp_path / "resumed.pt"), load(tmp_path / "whole.pt"), "results")
 
 
-def test_layers_ahead_of_the_calibration_get_the_same_thresholds(llama_pair, corpus_file, tmp_path, monkeypatch):
-    """On a GPU the calibration set-up runs beside the first layers, whose thresholds come after it from
-    their weights read again. Forced here with a set-up held until every layer has passed: every file
-    equals the run that built the calibration first."""
-    import threading
-
+def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """On a GPU the rtn / sqllm thresholds are thresholds.py's run in a child process (forced here on
+    the CPU): every file equals the run that computes them in the loop. An error in the child is the
+    same one-line input error, with nothing left behind; where no child can start, the loop computes
+    them."""
     import decdec_setup
     from common import one_pass
+    from common.errors import InputError
 
     original, _ = llama_pair
-    args = [str(a) for a in ["--model", original, "--method", "rtn", "--q_group_size", GROUP, "--dataset", corpus_file,
-                             *THRESHOLDS, "--device", DEVICE, "--quiet"]]
-    assert decdec_setup.main([*args, "--output", str(tmp_path / "first")]) == 0
-    release, deferred = threading.Event(), []
-    real_start, real_transform = one_pass.start_calibration, one_pass.OnePass.transform
-
-    def held_beside(build, beside):
-        return real_start(lambda: release.wait(timeout=120) and build(), beside=True)
-
-    def transform(self, index, *rest):
-        outputs = real_transform(self, index, *rest)
-        if index == len(self.layout.layers) - 1:
-            deferred.extend(self.deferred)
-            release.set()
-        return outputs
-    monkeypatch.setattr(one_pass, "start_calibration", held_beside)
-    monkeypatch.setattr(one_pass.OnePass, "transform", transform)
-    assert decdec_setup.main([*args, "--output", str(tmp_path / "beside")]) == 0
-    assert deferred == [0, 1]
+    args = [str(a) for a in ["--model", original, "--method", "rtn", "--q_group_size", GROUP, *THRESHOLDS,
+                             "--device", DEVICE, "--quiet"]]
+    data = ["--dataset", str(corpus_file)]
+    assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "loop")]) == 0
+    started = []
+    real_start = one_pass.start_thresholds_child
+    monkeypatch.setattr(one_pass, "thresholds_in_child", lambda method, device: True)
+    monkeypatch.setattr(one_pass, "start_thresholds_child", lambda job: started.append(job) or real_start(job))
+    assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "child")]) == 0
+    assert len(started) == 1
     load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
     for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
-        assert_same_tree(load(tmp_path / "beside" / name), load(tmp_path / "first" / name), name)
+        assert_same_tree(load(tmp_path / "child" / name), load(tmp_path / "loop" / name), name)
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    with pytest.raises(InputError, match="--dataset .*short.txt: the dataset holds 6 tokens"):
+        decdec_setup.main([*args, "--dataset", str(short), "--output", str(tmp_path / "failed")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child", "loop", "short.txt"]
+
+    def no_child(*_args, **_kwargs):
+        raise OSError("no child processes here")
+    monkeypatch.setattr(one_pass, "ChildProcess", no_child)
+    monkeypatch.setattr(one_pass, "start_thresholds_child", real_start)
+    assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "fallback")]) == 0
+    assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))

@@ -11,7 +11,8 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -190,6 +191,15 @@ Tokenize = Callable[[str], torch.Tensor]
 def tokenize_with(tokenizer) -> Tokenize:
     """What the reference does: tokenizer(text, return_tensors='pt') with default special tokens."""
     return lambda text: tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+@contextmanager
+def naming(flag: str, dataset: str) -> Iterator[None]:
+    """The samplers' errors, prefixed with the data they came from."""
+    try:
+        yield
+    except InputError as error:
+        raise InputError(f"{flag} {dataset}: {error}") from None
 
 
 def draw_samples(texts: list[str], tokenizer, sampling: str, seq_len: int, num_examples: int,

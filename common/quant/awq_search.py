@@ -275,13 +275,14 @@ def start_search(checkpoint: Checkpoint, layout: LayerLayout, device: torch.devi
                  text_column: str | None, n_samples: int, seqlen: int, dtype: torch.dtype, blocks_per_batch: int,
                  trust_remote_code: bool = False) -> LayerwiseSearch:
     """Calibration blocks (SPEC §7.1) from --calib_data, and the layer-by-layer search over them."""
-    from common.calib.calibration import load_texts, sample_awq_blocks
+    from common.calib.calibration import load_texts, naming, sample_awq_blocks
     from common.layers import check_seq_len
     from common.calib.layerwise import load_tokenizer
     check_seq_len(checkpoint, seqlen, "--seqlen")
     tokenizer = load_tokenizer(checkpoint.dir, trust_remote_code)
     texts = load_texts(calib_data, text_column, flag="--calib_data", keep_empty=True)
-    blocks = sample_awq_blocks(texts, tokenizer.encode, n_samples, seqlen)
+    with naming("--calib_data", calib_data):
+        blocks = sample_awq_blocks(texts, tokenizer.encode, n_samples, seqlen)
     return LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code)
 
 

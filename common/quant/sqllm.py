@@ -7,16 +7,17 @@ a file that needs anything else is refused rather than executed.
 """
 from __future__ import annotations
 
-import multiprocessing
+import os
 import re
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.child import exit_with_parent, spawn_context
 from common.errors import InputError
 from common.layers import find_layers
 from common.io.model_files import Checkpoint
@@ -148,38 +149,53 @@ Tables = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (LUTs, codes
 
 
 def _warm_up() -> None:
-    """Run first in the child: unpickling this reference imports torch and NumPy there."""
+    """Run first in each child: unpickling this reference imports torch and NumPy there."""
+
+
+def reader_count() -> int:
+    """Child processes reading ahead: each unpickles an 8B layer's tables in ~0.8 s, so an H200's layer
+    loop (~0.3 s a layer) needs about four; on a small machine one, so the loop keeps its cores."""
+    return max(1, min(4, (os.cpu_count() or 2) // 4))
 
 
 class TableReader:
-    """`QuantizedFolder.read_layer` run in a child process, beside the device work.
+    """`QuantizedFolder.read_layer` run in child processes, the next layers' ahead of the device work.
 
     torch's weights-only unpickler rebuilds a pickled NumPy array through one long string, holding
     the GIL for ~0.8 s per layer of an 8B model; in a reader thread that starved the main thread's
-    kernel launches (6x fewer on an H200: bench/sqllm_tables.py). The child hands its tensors over
-    in shared memory (torch.multiprocessing); where that fails (a container's /dev/shm may hold
-    only 64 MB), the layers are read in this process instead."""
+    kernel launches (6x fewer on an H200: bench/sqllm_tables.py). The children hand their tensors
+    over in shared memory (torch.multiprocessing), at most `workers` layers at a time; where that
+    fails (a container's /dev/shm may hold only 64 MB), the layers are read in this process instead."""
 
-    def __init__(self, folder: QuantizedFolder):
-        self.folder = folder
+    def __init__(self, folder: QuantizedFolder, layers: int, workers: int | None = None):
+        self.folder, self.layers = folder, layers
+        self.workers = workers or reader_count()
+        self._pending: dict[int, Future] = {}
         self._pool: ProcessPoolExecutor | None = None
         try:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            self._pool.submit(_warm_up)  # start the child (and its imports) now, not at the first layer
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=spawn_context(),
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
+            for _ in range(self.workers):  # start the children (and their imports) now, not at the first layer
+                self._pool.submit(_warm_up)
         except (OSError, RuntimeError):  # no child processes here: read in this process
             self.close()
 
     def read_layer(self, index: int) -> Tables:
+        """Layer `index`'s tables; layers are asked for in order (the next ones are started now)."""
         if self._pool is not None:
             try:
-                return self._pool.submit(self.folder.read_layer, index).result()
+                for ahead in range(index, min(index + self.workers, self.layers)):
+                    if ahead not in self._pending:
+                        self._pending[ahead] = self._pool.submit(self.folder.read_layer, ahead)
+                return self._pending.pop(index).result()
             except InputError:
                 raise
-            except Exception:  # noqa: BLE001 - no shared memory, or the child died: read here from now on
+            except Exception:  # noqa: BLE001 - no shared memory, or a child died: read here from now on
                 self.close()
         return self.folder.read_layer(index)
 
     def close(self) -> None:
+        self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
