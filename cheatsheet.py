@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from common.quant.cheatsheet_build import (OUTPUT_FILES, CheatsheetOptions, PairedModels,
                                          build_cheatsheet, likely_swapped, output_bytes)
-    from common.io.model_files import Checkpoint, resolve_model_dir
+    from common.io.model_dir import resolve_model_dir
+    from common.io.model_files import Checkpoint
     from common.io.outputs import check_free_space, claimed_outputs, output_dir
     if args.grid_size < 1:
         raise InputError(f"--grid_size {args.grid_size}: must be at least 1")

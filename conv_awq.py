@@ -33,7 +33,8 @@ from common.cli import add_device_arg, add_output_args, pick_device, progress, r
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import find_layers  # noqa: E402
-from common.io.model_files import Checkpoint, resolve_model_dir, round_to_float16  # noqa: E402
+from common.io.model_dir import resolve_model_dir  # noqa: E402
+from common.io.model_files import Checkpoint, round_to_float16  # noqa: E402
 from common.io.model_writer import parse_size  # noqa: E402
 from common.io.outputs import check_free_space, claimed_outputs  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402

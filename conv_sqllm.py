@@ -20,7 +20,8 @@ from common.cli import add_device_arg, add_output_args, pick_device, progress, r
 from common.io.convert import convert_model
 from common.errors import run_main
 from common.layers import find_layers
-from common.io.model_files import Checkpoint, resolve_model_dir
+from common.io.model_dir import resolve_model_dir
+from common.io.model_files import Checkpoint
 from common.io.model_writer import parse_size
 from common.io.outputs import claimed_outputs
 from common.quant.sqllm import QuantizedFolder, TableReader

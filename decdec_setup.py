@@ -22,10 +22,15 @@ PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
+
+if TYPE_CHECKING:
+    from common.calib.thresholds_job import ThresholdsJob
+    from common.child import ChildProcess
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -106,10 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start_readahead([Path(args.model)], skip=("lm_head",) if args.method == "sqllm" else ())
     check_args(args)
-    from common.io.model_files import resolve_model_dir
+    from common.calib.thresholds_job import ThresholdsJob, start_thresholds_child, thresholds_in_child
+    from common.io.model_dir import resolve_model_dir
+    model_dir = resolve_model_dir(args.model, "--model")
+    job = ThresholdsJob(model_dir, args.dataset, args.text_column, args.sampling, args.seq_len, args.num_examples,
+                        args.random_state, args.dtype, args.batch_size, args.device or "cuda", args.trust_remote_code,
+                        "--model")
+    # on a GPU the child's imports are the longest path: it starts before this process imports torch
+    child = start_thresholds_child(job) if thresholds_in_child(args.method, args.device) else None
+    try:
+        return set_up(args, model_dir, job, child)
+    finally:
+        if child is not None:
+            child.stop()
+
+
+def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child: ChildProcess | None) -> int:
+    """Everything after the child's start: the device, the outputs claimed, the pass, the report."""
     from common.io.outputs import claimed_outputs
     device = pick_device(args.device)
-    model_dir = resolve_model_dir(args.model, "--model")
+    if child is not None and str(device) != job.device:  # torch found no GPU after all: thresholds in the loop
+        child.stop()
+        child = None
     output = Path(args.output)
     outputs = {"folder": output, **{key: Path(getattr(args, f"{key}_output")) for key in ("scaled", "fakequant")
                                     if getattr(args, f"{key}_output")}}
@@ -122,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--dataset", args.dataset)) if value}
     inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
     with claimed_outputs(claimed, inputs, args.overwrite):
-        summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()])
+        summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()], job, child)
     written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
     report_written(written, summary)
     if args.method == "sqllm":
@@ -137,13 +160,14 @@ NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "ma
                   "overwrite", "quiet")
 
 
-def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device, inputs: list[Path]) -> str:
-    """The pass itself, while this run holds the outputs; returns the summary line."""
+def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device, inputs: list[Path],
+        job: ThresholdsJob, child: ChildProcess | None) -> str:
+    """The pass itself, while this run holds the outputs; `child`, if any, computes the thresholds.
+    Returns the summary line."""
     import torch
     from common.calib.activation_stats import LayerwiseThresholds
     from common.quant.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
     from common.quant.awq_search import StageTimes, start_search
-    from common.calib.thresholds_job import ThresholdsJob
     from common.quant.cheatsheet_build import CheatsheetOptions, check_packable
     from common.io.convert import convert_model
     from common.layers import check_seq_len, find_layers
@@ -154,7 +178,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.io.parts import PartStore
     from common.background import close_when_done
     from common.one_pass import (Calibration, OnePass, SetupFolderWriter, parts_folder, run_fingerprint,
-                                 start_calibration, start_thresholds_child, thresholds_in_child)
+                                 start_calibration)
     from common.quant.sqllm import QuantizedFolder, TableReader
     checkpoint = Checkpoint(model_dir, "--model")
     layout = find_layers(checkpoint)
@@ -173,9 +197,6 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             transforms = split_by_layer(load_results(Path(args.awq_results)), Path(args.awq_results), checkpoint,
                                         layout, args.q_group_size)
     check_seq_len(checkpoint, args.seq_len)
-    job = ThresholdsJob(model_dir, args.dataset, args.text_column, args.sampling, args.seq_len, args.num_examples,
-                        args.random_state, args.dtype, args.batch_size, str(device), args.trust_remote_code, "--model")
-    child = start_thresholds_child(job) if thresholds_in_child(args.method, device) else None
     tables = TableReader(sqllm, layers) if sqllm else None  # its child processes start now
 
     def build_calibration() -> Calibration:
@@ -206,6 +227,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
                                                                             args.q_group_size)
         return SetupFolderWriter(folder, one_pass, lutgemm)
 
+    loop_started = time.time()  # after the imports, the device's start and the checks of every input
     try:
         convert_model(checkpoint, layout, outputs, one_pass.transform, device, parse_size(args.max_shard_size),
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
@@ -217,8 +239,6 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     finally:
         if calibration is not None:
             close_when_done(calibration)
-        if child is not None:
-            child.stop()
         if tables is not None:
             tables.close()
     if args.dump_awq:
@@ -232,8 +252,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
               + (", beside the first layers" if device.type == "cuda" else ""))
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
-    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s ({beside}; "
-            f"per layer: {stages}{memory})")
+    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (start-up "
+            f"{loop_started - PROCESS_STARTED:.1f} s; {beside}; per layer: {stages}{memory})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import decdec_setup
 import evaluate
 from common.cli import pick_device, progress
 from common.errors import InputError, run_main
-from common.io.model_files import resolve_model_dir
+from common.io.model_dir import resolve_model_dir
 from common.io.outputs import atomic_dir, claimed_outputs
 
 
@@ -80,7 +80,8 @@ def build_small_model(folder: Path, texts: list[str], train_steps: int, device: 
 def largest_group(model: str, preferred: int = 128) -> int:
     """The usual group size of 128 input channels, or the largest power of two below it that fits."""
     from common.layers import find_layers
-    from common.io.model_files import Checkpoint, resolve_model_dir
+    from common.io.model_dir import resolve_model_dir
+    from common.io.model_files import Checkpoint
     checkpoint = Checkpoint(resolve_model_dir(model, "--model"), "--model")
     widths = {checkpoint.tensors[name].shape[1] for layer in find_layers(checkpoint).layers
               for name in layer.linears.values()}

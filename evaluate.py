@@ -34,7 +34,8 @@ from common.simulate.evaluation import (Config, check_artifacts, evaluation_wind
 from common.layers import check_same_layers, check_seq_len, find_layers
 from common.calib.layerwise import LayerwiseModel, load_tokenizer
 from common.quant.lutgemm import DecodedCheckpoint
-from common.io.model_files import Checkpoint, resolve_model_dir
+from common.io.model_dir import resolve_model_dir
+from common.io.model_files import Checkpoint
 from common.quant.sqllm import LutCheckpoint, QuantizedFolder
 from common.io.outputs import atomic_file, claimed_outputs
 

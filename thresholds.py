@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     start_readahead([Path(args.model_path)], skip=("lm_head",))
     import torch  # noqa: F401
     import transformers.modeling_utils  # noqa: F401  (the heavy part of the imports, done now)
-    from common.io.model_files import resolve_model_dir
+    from common.io.model_dir import resolve_model_dir
     from common.io.outputs import claimed_outputs
     started = time.time()
     for flag in ("seq_len", "num_examples", "batch_size"):

@@ -29,7 +29,7 @@ import torch
 
 from common.background import run_beside
 from common.calib.activation_stats import LayerwiseThresholds, clamp_to_fp16
-from common.calib.thresholds_job import Thresholds, ThresholdsJob, from_arrays
+from common.calib.thresholds_job import from_arrays
 from common.child import ChildProcess
 from common.quant.awq import LayerTransforms, Quantizer, layer_outputs
 from common.quant.awq_search import LayerwiseSearch, StageTimes
@@ -43,21 +43,6 @@ from common.quant.sqllm import QuantizedFolder
 from common.io.torchsave import StreamedWriter, layout_bytes, save_atomically
 
 THRESHOLDS_FILE = "thresholds.pt"
-
-
-def thresholds_in_child(method: str, device: torch.device) -> bool:
-    """Where the thresholds of rtn / SqueezeLLM run beside the layer loop: on a GPU (8B shape, H200:
-    the loop's kernel launches no longer wait on the set-up's imports). On a CPU both would compete
-    for the same cores, so the thresholds run in the loop."""
-    return method != "awq" and device.type == "cuda"
-
-
-def start_thresholds_child(job: ThresholdsJob) -> ChildProcess | None:
-    """thresholds.py's run in a child process; None where no child process can start."""
-    try:
-        return ChildProcess(job.run, name="thresholds")
-    except (OSError, RuntimeError):
-        return None
 
 
 @dataclass
@@ -153,7 +138,7 @@ class OnePass:
     any_residual: bool = False
     parts: PartStore | None = None  # finished layers (search results, cheatsheets), for resuming
     thresholds_child: ChildProcess | None = None  # rtn / sqllm: thresholds.py's run beside the loop
-    thresholds: Thresholds | None = None  # thresholds.pt's content, once the last layer is done
+    thresholds: list[dict[str, torch.Tensor]] | None = None  # thresholds.pt's content, after the last layer
 
     @property
     def cheatsheet_parts(self) -> bool:

@@ -19,7 +19,7 @@ def test_result_and_errors_come_back():
     assert ChildProcess(max, 2, 5).future.result(timeout=60) == 5
     with pytest.raises(ValueError, match="invalid literal"):
         ChildProcess(int, "x").future.result(timeout=60)
-    from common.io.model_files import resolve_model_dir
+    from common.io.model_dir import resolve_model_dir
     with pytest.raises(InputError, match="--model"):  # an input error stays one (exit status 2, one line)
         ChildProcess(resolve_model_dir, "/no/such/model/dir", "--model").future.result(timeout=60)
 

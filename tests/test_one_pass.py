@@ -212,7 +212,7 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     same one-line input error, with nothing left behind; where no child can start, the loop computes
     them."""
     import decdec_setup
-    from common import one_pass
+    from common.calib import thresholds_job
     from common.errors import InputError
 
     original, _ = llama_pair
@@ -221,9 +221,9 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     data = ["--dataset", str(corpus_file)]
     assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "loop")]) == 0
     started = []
-    real_start = one_pass.start_thresholds_child
-    monkeypatch.setattr(one_pass, "thresholds_in_child", lambda method, device: True)
-    monkeypatch.setattr(one_pass, "start_thresholds_child", lambda job: started.append(job) or real_start(job))
+    real_start = thresholds_job.start_thresholds_child
+    monkeypatch.setattr(thresholds_job, "thresholds_in_child", lambda method, device: True)
+    monkeypatch.setattr(thresholds_job, "start_thresholds_child", lambda job: started.append(job) or real_start(job))
     assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "child")]) == 0
     assert len(started) == 1
     load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
@@ -234,11 +234,19 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     short.write_text("too short\n")
     with pytest.raises(InputError, match="--dataset .*short.txt: the dataset holds 6 tokens"):
         decdec_setup.main([*args, "--dataset", str(short), "--output", str(tmp_path / "failed")])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["child", "loop", "short.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child", "loop", "short.txt"]  # nothing left behind
+
+    children = []
+    monkeypatch.setattr(thresholds_job, "start_thresholds_child", lambda job: children.append(real_start(job))
+                        or children[-1])
+    no_device = [a for a in args if a not in ("--device", DEVICE)]  # the child is told "cuda", torch finds none
+    assert decdec_setup.main([*no_device, *data, "--output", str(tmp_path / "no_gpu")]) == 0
+    assert children[0].future.cancelled() or not children[0].process.is_alive()
+    assert_same_tree(load(tmp_path / "no_gpu" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))
 
     def no_child(*_args, **_kwargs):
         raise OSError("no child processes here")
-    monkeypatch.setattr(one_pass, "ChildProcess", no_child)
-    monkeypatch.setattr(one_pass, "start_thresholds_child", real_start)
+    monkeypatch.setattr(thresholds_job, "ChildProcess", no_child)
+    monkeypatch.setattr(thresholds_job, "start_thresholds_child", real_start)
     assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "fallback")]) == 0
     assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))

@@ -1,21 +1,22 @@
 """thresholds.py's computation from plain values: the script runs it, and so does the one pass in a
 child process (rtn / SqueezeLLM thresholds depend on the original model only, so they need not
-wait for, or compete with, the quantization)."""
+wait for, or compete with, the quantization). Imports torch only when run, so the one pass can
+start its child before it imports torch itself."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-import torch
+from common.child import ChildProcess
 
-from common.calib.activation_stats import layer_thresholds
-from common.calib.calibration import draw_samples, load_texts, naming
-from common.io.model_files import Checkpoint
-from common.layers import LayerLayout, find_layers
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
-Thresholds = list[dict[str, torch.Tensor]]  # thresholds.pt: per layer, module -> float32 [in]
+    from common.io.model_files import Checkpoint
+    from common.layers import LayerLayout
 
 
 @dataclass(frozen=True)
@@ -34,31 +35,61 @@ class ThresholdsJob:
     trust_remote_code: bool = False
     flag: str = "--model_path"  # how errors name the model
 
-    def samples(self) -> torch.Tensor:
+    def samples(self) -> "torch.Tensor":
         """The token ids [num_examples, seq_len] the thresholds run over."""
+        from common.calib.calibration import draw_samples, load_texts, naming
         from common.calib.layerwise import load_tokenizer
         tokenizer = load_tokenizer(self.model_dir, self.trust_remote_code)
         texts = load_texts(self.dataset, self.text_column)
         with naming("--dataset", self.dataset):
             return draw_samples(texts, tokenizer, self.sampling, self.seq_len, self.num_examples, self.random_state)
 
-    def run(self) -> list[dict[str, np.ndarray]]:
+    def run(self) -> "list[dict[str, np.ndarray]]":
         """Everything, from the files: what a child process returns (NumPy: pickled by value)."""
+        import torch
+
+        from common.io.model_files import Checkpoint
+        from common.layers import find_layers
         checkpoint = Checkpoint(self.model_dir, self.flag)
         thresholds = model_thresholds(checkpoint, find_layers(checkpoint), self.samples(), torch.device(self.device),
                                       getattr(torch, self.dtype), self.batch_size, self.trust_remote_code)
         return [{module: values.numpy() for module, values in layer.items()} for layer in thresholds]
 
 
-def from_arrays(layers: list[dict[str, np.ndarray]]) -> Thresholds:
+def from_arrays(layers: "list[dict[str, np.ndarray]]") -> "list[dict[str, torch.Tensor]]":
+    import torch
     return [{module: torch.from_numpy(values) for module, values in layer.items()} for layer in layers]
 
 
-def model_thresholds(checkpoint: Checkpoint, layout: LayerLayout, samples: torch.Tensor, device: torch.device,
-                     dtype: torch.dtype, batch_size: int, trust_remote_code: bool = False,
-                     progress: Callable = lambda items, desc: items) -> Thresholds:
-    """thresholds.pt's content: the model run a decoder layer at a time over the samples, each layer's
-    weights read from disk while the previous one computes."""
+def gpu_present() -> bool:
+    """An NVIDIA driver with devices left visible, known without importing torch (which has the last
+    word: the one pass stops the child if torch finds no GPU after all)."""
+    return Path("/proc/driver/nvidia/version").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
+
+
+def thresholds_in_child(method: str, requested_device: str | None) -> bool:
+    """Whether the one pass runs the rtn / SqueezeLLM thresholds in a child process: on a GPU, where
+    the child's imports (15-20 s on some machines) are the longest path, so it starts first; on a
+    CPU both would compete for the same cores, so the thresholds run in the layer loop."""
+    if method == "awq":  # the scaled model's thresholds: in the loop
+        return False
+    return requested_device.startswith("cuda") if requested_device else gpu_present()
+
+
+def start_thresholds_child(job: ThresholdsJob) -> ChildProcess | None:
+    """`job` in a child process; None where no child process can start."""
+    try:
+        return ChildProcess(job.run, name="thresholds")
+    except (OSError, RuntimeError):
+        return None
+
+
+def model_thresholds(checkpoint: "Checkpoint", layout: "LayerLayout", samples: "torch.Tensor",
+                     device: "torch.device", dtype: "torch.dtype", batch_size: int, trust_remote_code: bool = False,
+                     progress: Callable = lambda items, desc: items) -> "list[dict[str, torch.Tensor]]":
+    """thresholds.pt's content (per layer, module -> float32 [in]): the model run a decoder layer at a
+    time over the samples, each layer's weights read from disk while the previous one computes."""
+    from common.calib.activation_stats import layer_thresholds
     from common.calib.layerwise import LayerwiseModel
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
     try:
