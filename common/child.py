@@ -59,12 +59,15 @@ class ChildProcess:
     """`function(*args)` in a spawned child; its outcome as `future` (the child's exception re-raised).
 
     `function`, its arguments and its result must pickle; tensors in the result travel by value
-    only if the function makes them NumPy arrays (torch's own reduction needs /dev/shm room)."""
+    only if the function makes them NumPy arrays (torch's own reduction needs /dev/shm room).
+    With `ready`, the function also gets an Event to set at a point the parent can wait for."""
 
-    def __init__(self, function: Callable, *args: Any, name: str = "child"):
+    def __init__(self, function: Callable, *args: Any, name: str = "child", ready: bool = False):
         self.started: float = time.time()
         self.ended: float | None = None
         context = spawn_context()
+        self.ready = context.Event() if ready else None
+        args = (*args, self.ready) if ready else args
         receive, send = context.Pipe(duplex=False)
         self.process = context.Process(target=_child_main, args=(send, os.getpid(), function, args),
                                        name=name, daemon=True)
@@ -90,6 +93,13 @@ class ChildProcess:
             self.future.set_result(value)
         else:
             self.future.set_exception(value)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the function sets its Event, ends, or `timeout` seconds pass."""
+        deadline = time.time() + timeout
+        while self.ready is not None and not self.ready.is_set() and not self.future.done() \
+                and time.time() < deadline:
+            self.ready.wait(0.05)
 
     @property
     def seconds(self) -> float:

@@ -24,6 +24,14 @@ def test_result_and_errors_come_back():
         ChildProcess(resolve_model_dir, "/no/such/model/dir", "--model").future.result(timeout=60)
 
 
+def test_ready_is_the_functions_own_signal():
+    from multiprocessing.synchronize import Event
+    child = ChildProcess(Event.set, ready=True)  # the function gets the Event and sets it
+    child.wait_ready(timeout=60)
+    assert child.ready.is_set()
+    assert child.future.result(timeout=60) is None
+
+
 def test_a_child_that_dies_is_reported():
     child = ChildProcess(os._exit, 3, name="dying")
     with pytest.raises(ChildDied, match="dying process ended without a result .exit code 3"):

@@ -44,9 +44,13 @@ class ThresholdsJob:
         with naming("--dataset", self.dataset):
             return draw_samples(texts, tokenizer, self.sampling, self.seq_len, self.num_examples, self.random_state)
 
-    def run(self) -> "list[dict[str, np.ndarray]]":
-        """Everything, from the files: what a child process returns (NumPy: pickled by value)."""
+    def run(self, imported=None) -> "list[dict[str, np.ndarray]]":
+        """Everything, from the files: what a child process returns (NumPy: pickled by value).
+        `imported` (an Event) is set once torch and transformers are imported."""
         import torch
+        import transformers.modeling_utils  # noqa: F401  (the heavy part of the imports, done now)
+        if imported is not None:
+            imported.set()
 
         from common.io.model_files import Checkpoint
         from common.layers import find_layers
@@ -79,7 +83,7 @@ def thresholds_in_child(method: str, requested_device: str | None) -> bool:
 def start_thresholds_child(job: ThresholdsJob) -> ChildProcess | None:
     """`job` in a child process; None where no child process can start."""
     try:
-        return ChildProcess(job.run, name="thresholds")
+        return ChildProcess(job.run, name="thresholds", ready=True)
     except (OSError, RuntimeError):
         return None
 

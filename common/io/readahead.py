@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-BLOCK = 16 << 20
+BLOCK = 8 << 20  # bytes per read: small enough that other processes' small reads are not starved
 
 
 def available_memory() -> int:

@@ -153,9 +153,10 @@ def _warm_up() -> None:
 
 
 def reader_count() -> int:
-    """Child processes reading ahead: each unpickles an 8B layer's tables in ~0.8 s, so an H200's layer
-    loop (~0.3 s a layer) needs about four; on a small machine one, so the loop keeps its cores."""
-    return max(1, min(4, (os.cpu_count() or 2) // 4))
+    """Child processes reading ahead: each unpickles an 8B layer's tables in ~0.8 s and holds torch
+    (~0.4 GB of host memory), so two keep up with a disk-bound H200 layer loop (~0.4 s a layer);
+    on a small machine one, so the loop keeps its cores."""
+    return max(1, min(2, (os.cpu_count() or 2) // 8))
 
 
 class TableReader:
