@@ -86,6 +86,9 @@ class ChildProcess:
             self.future.set_exception(ChildDied(f"the {self.process.name} process ended without a result "
                                                 f"(exit code {self.process.exitcode}; out of memory?)"))
             return
+        except Exception as error:  # noqa: BLE001 - a result that does not unpickle here: never hang on it
+            self.future.set_exception(error)
+            return
         finally:
             receive.close()
         self.process.join(timeout=30)

@@ -32,6 +32,12 @@ def test_ready_is_the_functions_own_signal():
     assert child.future.result(timeout=60) is None
 
 
+def test_a_result_that_cannot_come_back_is_an_error_not_a_hang():
+    child = ChildProcess(_unpicklable_here)
+    with pytest.raises(Exception):
+        child.future.result(timeout=60)
+
+
 def test_a_child_that_dies_is_reported():
     child = ChildProcess(os._exit, 3, name="dying")
     with pytest.raises(ChildDied, match="dying process ended without a result .exit code 3"):
@@ -55,6 +61,15 @@ def test_a_child_ends_with_its_parent():
     while time.time() < deadline and _alive(pid):
         time.sleep(0.2)
     assert not _alive(pid)
+
+
+class _GoneInTheParent:
+    def __reduce__(self):  # unpickling it raises in whichever process receives it
+        return (int, ("not a number",))
+
+
+def _unpicklable_here():
+    return _GoneInTheParent()
 
 
 def _alive(pid: int) -> bool:
