@@ -23,3 +23,14 @@ model() {  # model SHAPE DIR [synthetic.py flags]: a seeded synthetic model, kep
   local shape=$1 dir=$2; shift 2
   [ -f "$dir/config.json" ] || $PY bench/synthetic.py --shape "$shape" --out "$dir" "$@"
 }
+original_8b() {  # the 8B-shaped model, the calibration files and the read floor of the model, cold
+  model 8b "$W/original"
+  corpus_files
+  $M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
+}
+one_pass() {  # one_pass NAME [decdec_setup.py flags]: decdec_setup.py on the 8B model with the caller's
+  local name=$1; shift  # $THRESHOLDS, measured as decdec_setup-NAME-8b; its report shown, its folder removed
+  $M --label "decdec_setup-$name-8b" -- $PY decdec_setup.py --model "$W/original" --output "$W/$name" "$@" \
+      $THRESHOLDS --quiet 2> "$LOG/$name.err"
+  cat "$LOG/$name.err"; du -sh "$W/$name"; rm -rf "$W/$name"
+}

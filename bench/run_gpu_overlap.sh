@@ -11,14 +11,10 @@ info "SqueezeLLM tables: thread vs child process"
 $PY bench/sqllm_tables.py "$W/tables"; rm -rf "$W/tables"
 
 info "8B-shaped model, calibration text"
-model 8b "$W/original"
-corpus_files
-$M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
+original_8b
 
 info "decdec_setup.py rtn, 3 bit g128"
-$M --label decdec_setup-rtn-8b -- $PY decdec_setup.py --model "$W/original" --output "$W/rtn" --method rtn \
-    --w_bit 3 --q_group_size 128 $THRESHOLDS --quiet 2> "$LOG/rtn.err"
-cat "$LOG/rtn.err"; rm -rf "$W/rtn"
+one_pass rtn --method rtn --w_bit 3 --q_group_size 128
 
 info "conv_awq.py: search + every output, one command, cold"
 $M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
