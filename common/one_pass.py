@@ -11,9 +11,10 @@ output folder's writer streams cheatsheet.pt as layers finish and writes thresho
 RTN and SqueezeLLM thresholds depend on the original model only: on a GPU thresholds.py's own run
 computes them in a child process (common.calib.thresholds_job) that decdec_setup.py starts before
 anything else, since its imports (12-15 s on some machines) are the longest path; its Python work
-never holds the loop's GIL, and it reads the layers again, from the page cache as a rule. AWQ's thresholds are the scaled model's, so they run in the loop; on a GPU the
-calibration set-up (tokenizer, samples, the layer-by-layer model) is built in a thread beside the
-first reads, since the search needs it before the first layer.
+never holds the loop's GIL, and it reads the layers again, from the page cache as a rule. AWQ's
+thresholds are the scaled model's, so they run in the loop; on a GPU the calibration set-up
+(tokenizer, samples, the layer-by-layer model) is built in a thread beside the first reads, since
+the search needs it before the first layer.
 Finished layers' costly results go to part files, so an interrupted run resumes (common.io.parts).
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ import gzip
 import io
 import json
 import random
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
