@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from common.io.parts import PartStore
 from common.quant.cheatsheet_build import PARTS_DIR, CheatsheetOptions, PairedModels, build_cheatsheet
-from common.io.model_files import Checkpoint
+from common.io.model_files import Checkpoint, all_finite
 from common.quant.residual import decode_cheatsheet
 from common.tiny_models import build_model
 from tests.helpers import assert_input_error, rtn_fake_quantize, run_script
@@ -268,6 +268,17 @@ def test_nan_in_weight(llama_pair, tmp_path):
     broken = copy_model(quantized, tmp_path / "nan")
     rewrite_tensors(broken, lambda t: t["model.layers.1.self_attn.o_proj.weight"].__setitem__((3, 4), float("nan")))
     expect_refusal(original, broken, tmp_path / "o", "model.layers.1.self_attn.o_proj.weight", "NaN")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    clean = torch.randn(37, 64).to(dtype)
+    assert bool(all_finite(clean)) and bool(all_finite(torch.empty(0, 8, dtype=dtype)))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (20, 31), (36, 63)):
+            broken = clean.clone()
+            broken[where] = value
+            assert not bool(all_finite(broken)), (value, where)
 
 
 def test_truncated_safetensors(llama_pair, tmp_path):

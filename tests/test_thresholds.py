@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.calib.activation_stats import clamp_to_fp16
+from common.calib.activation_stats import clamp_to_fp16, sorted_abs_max
 from common.calib.calibration import load_texts, sample_concat, sample_reference, tokenize_with
 from common.errors import InputError
 from common.tiny_models import build_model
@@ -188,6 +188,20 @@ def test_local_dataset_formats(tmp_path):
     assert load_texts(str(tmp_path / "c.jsonl"), text_column="content") == texts
     with pytest.raises(InputError, match="no 'text' field"):
         load_texts(str(tmp_path / "c.jsonl"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk_elements", [1, 300, 1 << 20])
+def test_sorted_abs_max_equals_a_plain_sort(dtype, chunk_elements):
+    """The integer (16 bit: NumPy radix) sorts, ascending and flipped, chunked over tokens, give
+    exactly the float sort's values, signed zeros, ties and extremes included."""
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 41, 96, generator=generator) * 4).round().to(dtype)  # many ties
+    x[0, 0, :5] = torch.tensor([-0.0, 0.0, -7.5, 7.5, -1e-3])
+    x[2, 40, 7] = -torch.finfo(dtype).max
+    want = x.reshape(-1, 96).float().abs().sort(dim=-1, descending=True).values.amax(dim=0)
+    got = sorted_abs_max(x, chunk_elements)
+    assert got.dtype == dtype and torch.equal(got.float(), want)
 
 
 def test_clamp_to_fp16_names_the_module():

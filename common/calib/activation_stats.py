@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,16 +27,24 @@ def sorted_abs_max(x: torch.Tensor, chunk_elements: int) -> torch.Tensor:
 
     |x| has its sign bit clear, so its bits read as a signed integer of the same width order
     exactly as the floats do: sorting and maximising those integers gives the same values,
-    and integer sorts are faster (about 1.6x for 16-bit on a CPU)."""
+    and integer sorts are faster. Rows are sorted ascending and the maxima flipped once:
+    the k-th largest of a row is its (n-1-k)-th smallest."""
     flat = x.reshape(-1, x.shape[-1])
     as_int = SAME_WIDTH_INT[x.element_size()]
     rows = max(1, chunk_elements // max(1, flat.shape[1]))
     result = None
     for begin in range(0, flat.shape[0], rows):
-        magnitudes = flat[begin: begin + rows].abs().view(as_int)
-        part = magnitudes.sort(dim=-1, descending=True).values.amax(dim=0)
+        part = ascending_rows_max(flat[begin: begin + rows].abs().view(as_int))
         result = part if result is None else torch.maximum(result, part)
-    return result.view(x.dtype)
+    return result.flip(-1).view(x.dtype)
+
+
+def ascending_rows_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over the rows of `values` [rows, n], each sorted ascending."""
+    if values.device.type == "cpu" and values.element_size() <= 2:
+        # NumPy's stable sort of 16-bit integers is a radix sort: ~6x torch's sort on a CPU
+        return torch.from_numpy(np.sort(values.numpy(), axis=-1, kind="stable").max(axis=0))
+    return values.sort(dim=-1).values.amax(dim=0)
 
 
 class SortedInputMaxima:

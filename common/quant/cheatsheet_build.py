@@ -18,7 +18,7 @@ import torch
 
 from common.errors import InputError
 from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
-from common.io.model_files import Checkpoint, float16_check
+from common.io.model_files import Checkpoint, all_finite, float16_check
 from common.io.outputs import atomic_file
 from common.io.parts import PartStore, file_identities
 from common.quant.residual import pack_nibbles, quantize_residual, reorder_scales
@@ -134,7 +134,7 @@ def residual_outputs(original: torch.Tensor, quantized: torch.Tensor,
     residual = original.half() - quantized.half()
     codes, scales = quantize_residual(residual, bits=4, grid_size=options.grid_size)
     results = {"cheatsheet/cheatsheet": pack_nibbles(codes), "cheatsheet/scales": scales,
-               "finite": torch.isfinite(residual).all()}
+               "finite": all_finite(residual)}
     if options.extra_bit_widths:
         for bits in (2, 8):
             codes, scales = quantize_residual(residual, bits=bits, grid_size=options.grid_size)
