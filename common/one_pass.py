@@ -162,13 +162,12 @@ class OnePass:
             calibration = self.calibration.result()
             if self.method != "awq":
                 # thresholds of the original as stored (what thresholds.py reads), first: their layer copy is
-                # freed before the quantized weights exist, and then the float32 copies can go
+                # freed before the quantized weights exist
                 calibration.thresholds.layer(index, tensors)
                 times.lap("thresholds")
-        round_to_float16(tensors, where, self.layout.layers[index].stored_dtypes(self.checkpoint))
-        if self.method != "awq":  # no scales to fold in float32: keep the float16 values only (in place,
-            for name, tensor in tensors.items():  # so convert_model's float32 copies are freed)
-                tensors[name] = tensor.half()
+        # only AWQ folds scales, in float32 (convert_model's copies); the others keep float16 values only
+        round_to_float16(tensors, where, self.layout.layers[index].stored_dtypes(self.checkpoint),
+                         as_float32=self.method == "awq")
         times.lap("read and check")
         if self.method == "sqllm":
             shapes = {m: tuple(self.checkpoint.tensors[n].shape) for m, n in self.layout.layers[index].linears.items()}

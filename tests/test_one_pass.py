@@ -110,6 +110,26 @@ def test_one_pass_equals_the_separate_scripts(family, method, models_root, token
     assert "residual: decoded vs exact relative error" in check.stderr
 
 
+def test_bfloat16_checkpoint_and_thresholds(tokenizer, corpus_file, tmp_path):
+    """A bfloat16 checkpoint (no float32 copy in the one pass: cast straight to float16) and the
+    default bfloat16 thresholds (their 16-bit sort): still the separate scripts' artifacts."""
+    from common.tiny_models import build_model
+    original = tmp_path / "bf16"
+    build_model("llama", original, tokenizer, dtype=torch.bfloat16, seed=5)
+    bf16 = [("bfloat16" if item == "float32" else item) for item in THRESHOLDS]
+    expected = separate_scripts(original, "rtn", corpus_file, tmp_path / "separate", [])
+    ok("thresholds.py", "--model_path", original, "--save_path", tmp_path / "bf16-thresholds", "--dataset",
+       corpus_file, *bf16)
+    ok("decdec_setup.py", "--model", original, "--output", tmp_path / "one", "--method", "rtn", "--dataset",
+       corpus_file, *THRESHOLDS, "--fakequant_output", tmp_path / "one-fq", "--scaled_output",
+       tmp_path / "one-scaled", "--q_group_size", GROUP)
+    compare(tmp_path / "one", tmp_path / "one-fq", tmp_path / "one-scaled", expected, "rtn")
+    ok("decdec_setup.py", "--model", original, "--output", tmp_path / "one-bf16", "--method", "rtn", "--dataset",
+       corpus_file, *bf16, "--q_group_size", GROUP)
+    assert_same_tree(torch.load(tmp_path / "one-bf16" / "thresholds.pt", weights_only=True),
+                     torch.load(tmp_path / "bf16-thresholds" / "thresholds.pt", weights_only=True), "thresholds")
+
+
 def test_awq_search_in_the_one_pass(llama_pair, corpus_file, tmp_path):
     original, _ = llama_pair
     search = ["--calib_data", corpus_file, "--awq_dtype", "float32", *SEARCH]
