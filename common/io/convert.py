@@ -17,6 +17,7 @@ import torch
 
 from common.layers import LayerLayout
 from common.io.heap import trim_heap
+from common.io.host_copy import to_host
 from common.io.model_files import Checkpoint
 from common.io.model_writer import ShardedModelWriter, copy_model_files
 from common.io.outputs import atomic_dir, check_free_space
@@ -95,8 +96,10 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
                 del raw  # the copies on the device (float32 with `upcast`) are what the transform uses
                 results = transform(index, tensors, extras)
                 prefix = f"{layout.prefix}layers.{index}."
-                outputs = {key: {prefix + local: tensor.to(writers[key].expected[prefix + local][1]).cpu()
-                                 for local, tensor in produced.items()} for key, produced in results.items()}
+                outputs = {}
+                for key, produced in results.items():
+                    named = {prefix + local: tensor for local, tensor in produced.items()}
+                    outputs[key] = to_host(named, {name: writers[key].expected[name][1] for name in named})
                 del tensors, results
                 while len(pending) >= WRITE_BEHIND:  # later layers are computed while earlier ones are written
                     pending.popleft().result()

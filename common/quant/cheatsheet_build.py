@@ -19,6 +19,7 @@ import torch
 from common.errors import InputError
 from common.layers import DecoderLayer, LayerLayout, check_same_layers, find_layers
 from common.io.model_files import Checkpoint, all_finite, float16_check
+from common.io.host_copy import to_host
 from common.io.outputs import atomic_file
 from common.io.parts import PartStore, file_identities
 from common.quant.residual import pack_nibbles, quantize_residual, reorder_scales
@@ -289,7 +290,7 @@ class LayerResults:
     def finish(self, options: CheatsheetOptions) -> dict[str, dict[str, torch.Tensor]]:
         """Check the layer (one device sync), bring it to the CPU and add the fused entries."""
         self.raise_problems()
-        self.modules = {m: {k: t.cpu() for k, t in fields.items()} for m, fields in self.modules.items()}
+        self.modules = {m: to_host(fields) for m, fields in self.modules.items()}
         if options.add_fused:
             add_fused_entries(self.modules, sorted(self.layer.linears))
         return self.modules
