@@ -102,6 +102,12 @@ def _block_output(block: nn.Module, x: torch.Tensor, kwargs: dict,
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def squared_error(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """float32 sum of (reference - output)²: one reduction reads the difference in its own dtype
+    and accumulates in float32 (no float32 copy and no squared tensor written)."""
+    return torch.linalg.vector_norm(reference - output, dtype=torch.float32).square()
+
+
 @torch.no_grad()
 def search_scale(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, chunk_kwargs: list[tuple[slice, dict]],
                  quantize: Quantize, where: str) -> torch.Tensor:
@@ -116,17 +122,21 @@ def search_scale(layer: nn.Module, group: ScaleGroup, x: torch.Tensor, chunk_kwa
     reference = [_block_output(block, xc, kwargs) for xc, kwargs in calls]
     elements = sum(out.numel() for out in reference)
     channel_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
-    best_loss, best_scales = float("inf"), None
-    for step in range(RATIOS):
+    candidates, totals = [], []
+    for step in range(RATIOS):  # no sync inside: the device never waits for this thread's next launch
         scales = channel_mean.pow(step / RATIOS).clamp(min=1e-4)
         scales = (scales / (scales.max() * scales.min()).sqrt()).reshape(1, -1)
         trial = {local[name]: quantize(weight * scales) / scales for name, weight in weights.items()}
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for (xc, kwargs), org in zip(calls, reference):
-            total += (org - _block_output(block, xc, kwargs, trial)).float().pow(2).sum()
-        loss = float(total) / elements
+            total += squared_error(org, _block_output(block, xc, kwargs, trial))
+        candidates.append(scales.reshape(-1))
+        totals.append(total)
+    best_loss, best_scales = float("inf"), None
+    for scales, total in zip(candidates, torch.stack(totals).tolist()):
+        loss = total / elements
         if loss < best_loss:  # a later ratio wins only when strictly better; NaN never does
-            best_loss, best_scales = loss, scales.reshape(-1)
+            best_loss, best_scales = loss, scales
     if best_scales is None:
         raise InputError(f"{where}: the AWQ scale search for {', '.join(group.linears)} found no finite loss "
                          "(the block's outputs overflow in this dtype; try --dtype float32 or bfloat16)")
@@ -151,16 +161,20 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> No
 
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, x: torch.Tensor, quantize: Quantize, group_size: int,
-                row_chunk: int = 1024) -> torch.Tensor:
+                row_chunk: int | None = None) -> torch.Tensor:
     """Per row and group of `weight` [out, in], the limit m = max|W| * (1 - i/20), i < 10, whose
     clamped and quantized weight best reproduces x·Wᵀ on a sample of ~512 tokens of x.
-    Returns max_val [out, groups, 1] in the weight's dtype."""
+    Returns max_val [out, groups, 1] in the weight's dtype. Rows are independent: `row_chunk`
+    only bounds memory (on a GPU ~128M products at once, so a Linear takes few launches)."""
     out_features, in_features = weight.shape
     size = group_size if group_size > 0 else in_features
     groups = in_features // size
     tokens = x.reshape(-1, in_features)
     tokens = tokens[:: max(1, tokens.shape[0] // CLIP_TOKENS)]
     x_groups = tokens.reshape(-1, groups, size).permute(1, 0, 2)  # [groups, n, size]
+    if row_chunk is None:
+        budget = (128 << 20) if weight.device.type == "cuda" else (16 << 20)
+        row_chunk = max(1, budget // (groups * x_groups.shape[1]))
     limits = []
     for begin in range(0, out_features, row_chunk):
         w = weight[begin: begin + row_chunk].reshape(-1, groups, size)  # [rows, groups, size]
