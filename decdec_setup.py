@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
     from common.io.parts import PartStore
-    from common.background import close_when_done
+    from common.background import close_when_done, finished, run_beside
     from common.one_pass import (Calibration, OnePass, SetupFolderWriter, parts_folder, run_fingerprint,
                                  start_calibration)
     from common.quant.sqllm import QuantizedFolder, TableReader
@@ -206,20 +206,30 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     check_seq_len(checkpoint, args.seq_len)
     tables = TableReader(sqllm, layers) if sqllm else None  # its child processes start now
 
-    def build_calibration() -> Calibration:
+    def build_thresholds() -> LayerwiseThresholds:
         samples = job.samples()
         model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
                                via_float16=args.method == "awq")
         try:
-            calibration = Calibration(LayerwiseThresholds(model, samples, args.batch_size))
-            if args.method == "awq" and not args.awq_results:
-                calibration.search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column,
-                                                  args.n_samples, args.seqlen, getattr(torch, args.awq_dtype), 16,
-                                                  args.trust_remote_code)
+            return LayerwiseThresholds(model, samples, args.batch_size)
         except BaseException:
             model.close()
             raise
-        return calibration
+
+    def build_calibration() -> Calibration:
+        if args.method != "awq" or args.awq_results:
+            return Calibration(finished(build_thresholds()))
+        # the search first: the first layer waits for it, and for the thresholds only after its search,
+        # so on a GPU their set-up runs beside that search
+        search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column, args.n_samples,
+                              args.seqlen, getattr(torch, args.awq_dtype), 16, args.trust_remote_code)
+        try:
+            beside = device.type == "cuda"
+            return Calibration(run_beside(build_thresholds, "thresholds-set-up") if beside
+                               else finished(build_thresholds()), search)
+        except BaseException:
+            search.close()
+            raise
 
     calibration = None if child else start_calibration(build_calibration, beside=device.type == "cuda")
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}

@@ -55,3 +55,10 @@ def close_when_done(future: Future) -> None:
     """Close what a set-up built once it ends (if it succeeded), without waiting for it: a run
     that failed meanwhile need not sit out the rest of the imports."""
     future.add_done_callback(lambda done: None if done.exception() else done.result().close())
+
+
+def finished(value: T) -> Future:
+    """A future already holding `value`: for a set-up run in order, where callers expect a future."""
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from common.background import run_beside
+from common.background import close_when_done, finished, run_beside
 from common.calib.activation_stats import LayerwiseThresholds, clamp_to_fp16
 from common.calib.thresholds_job import from_arrays
 from common.child import ChildProcess
@@ -49,13 +49,18 @@ THRESHOLDS_FILE = "thresholds.pt"
 @dataclass
 class Calibration:
     """What the in-loop calibration stages need: the thresholds' layer-by-layer model over the
-    samples, and the AWQ search's (when searching). Building them is mostly importing transformers."""
-    thresholds: LayerwiseThresholds
+    samples, and the AWQ search's (when searching). Building them is mostly importing transformers.
+    The thresholds may still be building (beside the first search, which needs only its own)."""
+    pending_thresholds: Future  # -> LayerwiseThresholds
     search: LayerwiseSearch | None = None
-    seconds: float = 0.0  # to build them
+    seconds: float = 0.0  # to build them (the thresholds' part, if beside the first search, excluded)
+
+    @property
+    def thresholds(self) -> LayerwiseThresholds:
+        return self.pending_thresholds.result()
 
     def close(self) -> None:
-        self.thresholds.model.close()
+        close_when_done(self.pending_thresholds)
         if self.search is not None:
             self.search.close()
 
@@ -70,11 +75,7 @@ def start_calibration(build: Callable[[], Calibration], beside: bool) -> Future:
         calibration = build()
         calibration.seconds = time.time() - started
         return calibration
-    if beside:
-        return run_beside(timed, "calibration-set-up")
-    done: Future = Future()
-    done.set_result(timed())
-    return done
+    return run_beside(timed, "calibration-set-up") if beside else finished(timed())
 
 
 AWQ_PART = "awq."  # part entries holding a layer's search results, beside its cheatsheet modules

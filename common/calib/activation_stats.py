@@ -121,6 +121,9 @@ class LayerwiseThresholds:
             self.model.unload_layer(index)
         self.entries.append(maxima)
 
+    def close(self) -> None:
+        self.model.close()
+
 
 def clamp_to_fp16(thresholds: list[dict[str, torch.Tensor]]) -> list[str]:
     """Clamp values above 65504 in place; one warning line per affected module."""
