@@ -4,8 +4,10 @@
     python bench/measure.py --label cheatsheet -- python cheatsheet.py ...
 
 Peak RSS is the largest sum of RSS over the command's process tree (polled every 0.1 s with
-psutil, so worker processes count), and never less than the child's ru_maxrss; GPU memory is the device's used memory polled with
-nvidia-smi every 0.1 s (so it includes the CUDA context). Appends a JSON line to --log.
+psutil, so worker processes count), and never less than the child's ru_maxrss; at that peak each
+process's RSS and its shared part (e.g. shared-memory tensors, counted in every process mapping
+them) are recorded. GPU memory is the device's used memory polled with nvidia-smi every 0.1 s (so it
+includes the CUDA context). Appends a JSON line to --log.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def main() -> None:
     baseline = gpu_used_mib()
     peak = [baseline or 0]
     tree_rss = [0]
+    at_peak: list = []  # (process, RSS GiB, of which shared GiB) when the tree's RSS peaked
     done = threading.Event()
     started = time.time()
     process = subprocess.Popen(command)
@@ -66,7 +69,12 @@ def main() -> None:
             if root is not None:
                 try:
                     members = [root] + root.children(recursive=True)
-                    tree_rss[0] = max(tree_rss[0], sum(p.memory_info().rss for p in members))
+                    infos = [(p, p.memory_info()) for p in members]
+                    total = sum(info.rss for _, info in infos)
+                    if total > tree_rss[0]:
+                        tree_rss[0] = total
+                        at_peak[:] = [(" ".join(p.cmdline()[:3])[:70], round(info.rss / 2 ** 30, 3),
+                                       round(info.shared / 2 ** 30, 3)) for p, info in infos]
                 except Exception:  # processes come and go while we look
                     pass
     thread = threading.Thread(target=poll, daemon=True)
@@ -80,6 +88,7 @@ def main() -> None:
               "peak_rss_gib": round(max(tree_rss[0] / 2 ** 30,
                                         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20), 3),
               "peak_gpu_gib": round((peak[0] - (baseline or 0)) / 1024, 2) if baseline is not None else None,
+              "rss_at_peak_by_process": at_peak,
               "command": " ".join(command)}
     print(json.dumps(record), flush=True)
     if args.log:
