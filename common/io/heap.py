@@ -8,15 +8,15 @@ those pages; elsewhere (no glibc) this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from functools import lru_cache
 
 
 @lru_cache(maxsize=1)
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
+    """glibc's malloc_trim from the symbols already loaded in this process. (ctypes.util.find_library
+    would run `ldconfig -p` in a child: a fork of this whole process, mid-run.)"""
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
