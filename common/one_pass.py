@@ -12,9 +12,9 @@ RTN and SqueezeLLM thresholds depend on the original model only: on a GPU thresh
 computes them in a child process (common.calib.thresholds_job) that decdec_setup.py starts before
 anything else, since its imports (12-15 s on some machines) are the longest path; its Python work
 never holds the loop's GIL, and it reads the layers again, from the page cache as a rule. AWQ's
-thresholds are the scaled model's, so they run in the loop; on a GPU the calibration set-up
-(tokenizer, samples, the layer-by-layer model) is built in a thread beside the first reads, since
-the search needs it before the first layer.
+thresholds are the scaled model's, so they run in the loop; on a GPU the search's set-up (tokenizer,
+blocks, the layer-by-layer model) is built in a thread beside the first reads, since the first layer
+waits for it, and the thresholds' set-up then beside that first search, which needs only its own.
 Finished layers' costly results go to part files, so an interrupted run resumes (common.io.parts).
 """
 from __future__ import annotations

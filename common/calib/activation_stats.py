@@ -103,7 +103,8 @@ def layer_thresholds(model: "LayerwiseModel", index: int, layer: nn.Module, inpu
 
 
 class LayerwiseThresholds:
-    """thresholds.py's layer loop, fed one layer's weights at a time (the one pass's stage)."""
+    """thresholds.py's layer loop, one layer at a time: layers read from the checkpoint
+    (`next_layer`, thresholds.py) or given their weights (`layer`, the one pass's stage)."""
 
     def __init__(self, model: "LayerwiseModel", samples: torch.Tensor, batch_size: int):
         self.model = model
@@ -113,7 +114,16 @@ class LayerwiseThresholds:
 
     def layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Run layer `index` with these weights (parameter name in the layer -> tensor)."""
-        layer = self.model.load_layer_from(index, tensors)
+        self._run(index, self.model.load_layer_from(index, tensors))
+
+    def next_layer(self) -> None:
+        """Run the next layer, read from the checkpoint while the one after it is read ahead."""
+        index = len(self.entries)
+        layer = self.model.load_layer(index)
+        self.model.prefetch(index + 1)
+        self._run(index, layer)
+
+    def _run(self, index: int, layer: nn.Module) -> None:
         try:
             maxima, self.inputs = layer_thresholds(self.model, index, layer, self.inputs,
                                                    set(self.model.layout.layers[index].linears))

@@ -93,19 +93,13 @@ def model_thresholds(checkpoint: "Checkpoint", layout: "LayerLayout", samples: "
                      progress: Callable = lambda items, desc: items) -> "list[dict[str, torch.Tensor]]":
     """thresholds.pt's content (per layer, module -> float32 [in]): the model run a decoder layer at a
     time over the samples, each layer's weights read from disk while the previous one computes."""
-    from common.calib.activation_stats import layer_thresholds
+    from common.calib.activation_stats import LayerwiseThresholds
     from common.calib.layerwise import LayerwiseModel
     model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
     try:
-        inputs = model.capture_inputs(list(samples.split(batch_size)))
-        model.release_outside_layers()
-        thresholds = []
-        for index in progress(range(len(layout.layers)), "thresholds layers"):
-            layer = model.load_layer(index)
-            model.prefetch(index + 1)
-            maxima, inputs = layer_thresholds(model, index, layer, inputs, set(layout.layers[index].linears))
-            thresholds.append(maxima)
-            model.unload_layer(index)
+        thresholds = LayerwiseThresholds(model, samples, batch_size)
+        for _ in progress(range(len(layout.layers)), "thresholds layers"):
+            thresholds.next_layer()
     finally:
         model.close()
-    return thresholds
+    return thresholds.entries

@@ -12,7 +12,7 @@ import torch
 
 def to_host(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None
             ) -> dict[str, torch.Tensor]:
-    """CPU copies of `tensors` (each cast to `dtypes[name]` when given), ready to read on return."""
+    """`tensors` in host memory (each cast to `dtypes[name]` when given), ready to read on return."""
     copies: dict[str, torch.Tensor] = {}
     devices: set[torch.device] = set()
     for name, tensor in tensors.items():

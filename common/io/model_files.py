@@ -149,8 +149,8 @@ class Checkpoint:
         self.close()
 
 
-READ_CHUNK = 8 << 20  # bytes per preadv, so a concurrent process's small reads (its imports) queue behind
-#                       at most that much of ours, not a whole 117 MB weight
+READ_CHUNK = 8 << 20  # bytes per preadv, so a concurrent process's small reads (its imports) need not queue
+#                       behind a whole 117 MB weight (on the H200 no measurable change either way)
 
 
 def read_tensor(info: TensorInfo, fd: int, pin: bool = False) -> torch.Tensor:
