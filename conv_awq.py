@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from common.quant.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
                         load_bit_widths, load_results, split_by_layer)
 from common.quant.awq_search import start_search  # noqa: E402
-from common.background import close_when_done, run_beside  # noqa: E402
 from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
@@ -109,7 +108,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start_readahead([Path(args.model_path)])  # reading overlaps the checks and set-up below
+    if not args.run_awq:  # reading overlaps the checks below (a search reads after its set-up)
+        start_readahead([Path(args.model_path)])
     check_args(args)
     device = pick_device(args.device)
     model_dir = resolve_model_dir(args.model_path, "--model_path")
@@ -143,18 +143,19 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     if args.dump_awq:
         check_free_space([(Path(args.dump_awq), results_bytes(checkpoint, layout), "--dump_awq")])
     started = time.time()
-    # the calibration set-up (imports, tokenizer, embeddings) overlaps the first reads and writes
-    pending_search = run_beside(lambda: start_search(checkpoint, layout, device, args.calib_data, args.text_column,
-                                                     args.n_samples, args.seqlen, DTYPES[args.dtype],
-                                                     args.batch_size, args.trust_remote_code),
-                                "awq-set-up") if args.run_awq else None
-    search, set_up, search_seconds = None, 0.0, 0.0
+    # The search's set-up (imports, tokenizer, embeddings) runs first, and the model is read after it:
+    # the search, not the disk, sets the pace of the layers, so reading during the set-up gains nothing,
+    # while on a cold cache the imports' thousands of small reads starve behind the model's large ones
+    # (an H200: 16 s for them beside the reads, 6 s alone).
+    search = start_search(checkpoint, layout, device, args.calib_data, args.text_column, args.n_samples,
+                          args.seqlen, DTYPES[args.dtype], args.batch_size,
+                          args.trust_remote_code) if args.run_awq else None
+    set_up, search_seconds = time.time() - started, 0.0
+    if search is not None:
+        start_readahead([checkpoint.dir])
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
-        nonlocal search, set_up, search_seconds
-        if pending_search is not None and search is None:
-            search = pending_search.result()
-            set_up = time.time() - started
+        nonlocal search_seconds
         round_to_float16(tensors, f"{checkpoint.dir}: layer {index}", layout.layers[index].stored_dtypes(checkpoint))
         if search is not None:
             begin = time.time()
@@ -173,18 +174,19 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
                       writer_for=writer_for)
     finally:
-        if pending_search is not None:  # free the search once its set-up ends, without waiting for it
-            close_when_done(pending_search)
+        if search is not None:
+            search.close()
     if args.dump_awq:
         from common.quant.awq_search import results_entries
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     total = time.time() - started
-    times = f"reading, quantizing, writing {total - search_seconds:.1f} s"
+    times = f"reading, quantizing, writing {total - set_up - search_seconds:.1f} s"
     if search is not None:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.times.items() if k != "outside the search")
-        times += (f" (calibration set-up alongside: {set_up:.1f} s until layer 0); search {search_seconds:.1f} s "
-                  f"({stages})")
+        set_up_stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.set_up_times.items())
+        times = (f"calibration set-up {set_up:.1f} s ({set_up_stages}); search {search_seconds:.1f} s ({stages}); "
+                 f"{times} besides")
     if device.type == "cuda":
         times += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return len(layout.layers), times

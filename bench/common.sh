@@ -12,6 +12,17 @@ machine() {  # the GPU, the cores, the memory and the library versions, for the 
   info "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2
   $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 }
+bytecode() {  # compile the Python libraries' bytecode, as `pip install` does when it installs them
+  # The GPU image ships its site-packages without __pycache__ and sets PYTHONDONTWRITEBYTECODE=1, so every
+  # process there compiles the ~3,200 modules of torch + transformers from source (~5 s per process); a pip
+  # install has the bytecode. BYTECODE=0 keeps the image as it is.
+  [ "${BYTECODE:-1}" = 0 ] && { info "bytecode: the image as it is (none compiled)"; return; }
+  info "bytecode: compiling the site-packages, as pip install does"
+  $PY -c 'import sysconfig; print(*sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")}))' |
+    xargs $PY -m compileall -q -j 0 > /dev/null 2>&1
+  $PY -c 'import os, sysconfig; p = sysconfig.get_paths()["purelib"]
+print(p, "has bytecode:", os.path.isdir(os.path.join(p, "transformers", "__pycache__")))'
+}
 corpus_files() {  # $W/calibration.txt (thresholds) and $W/calib.jsonl (the AWQ search: 460 passages, ~80k tokens)
   $PY -c "
 import json, sys; sys.path.insert(0, '.')

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The I/O floor: read every weight file of the given model directories once, sequentially.
+"""The I/O floor: read every weight file of the given model directories once, sequentially
+(safetensors shards, and the .pt files of an Any-Precision / SqueezeLLM folder's subfolders).
 
-    python bench/read_floor.py /tmp/bench/original /tmp/bench/fakequant
+    python bench/read_floor.py /tmp/bench/original /tmp/bench/sqllm3
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ BLOCK = 64 << 20
 
 
 def main() -> None:
-    files = [f for d in sys.argv[1:] for f in sorted(Path(d).glob("*.safetensors"))]
+    files = [f for d in sys.argv[1:] for pattern in ("*.safetensors", "*.pt") for f in sorted(Path(d).rglob(pattern))]
     buffer = bytearray(BLOCK)
     view = memoryview(buffer)
     total = 0

@@ -5,6 +5,7 @@
 . "$(dirname "$0")/common.sh" "$@"
 
 machine
+bytecode  # as a pip install leaves the libraries (BYTECODE=0: the image as it is)
 
 info "8B-shaped model; calibration text: 460 passages give ~80k tokens (157 blocks of 512)"
 model 8b "$W/original"

@@ -6,6 +6,7 @@
 THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 
 machine
+bytecode  # as a pip install leaves the libraries (BYTECODE=0: the image as it is)
 original_8b
 
 info "rtn, 3 bit g128"

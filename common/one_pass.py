@@ -12,9 +12,10 @@ RTN and SqueezeLLM thresholds depend on the original model only: on a GPU thresh
 computes them in a child process (common.calib.thresholds_job) that decdec_setup.py starts before
 anything else, since its imports (12-15 s on some machines) are the longest path; its Python work
 never holds the loop's GIL, and it reads the layers again, from the page cache as a rule. AWQ's
-thresholds are the scaled model's, so they run in the loop; on a GPU the search's set-up (tokenizer,
-blocks, the layer-by-layer model) is built in a thread beside the first reads, since the first layer
-waits for it, and the thresholds' set-up then beside that first search, which needs only its own.
+thresholds are the scaled model's, so they run in the loop. With a search, its set-up (tokenizer,
+blocks, the layer-by-layer model) comes first and the model is read after it, since the search, not
+the disk, sets the pace; on a GPU the thresholds' set-up then runs beside the first search, which
+needs only its own. Without one, the set-up is built in a thread beside the first reads on a GPU.
 Finished layers' costly results go to part files, so an interrupted run resumes (common.io.parts).
 """
 from __future__ import annotations
@@ -66,9 +67,9 @@ class Calibration:
 
 
 def start_calibration(build: Callable[[], Calibration], beside: bool) -> Future:
-    """Build the calibration `beside` the first reads and the outside tensors' copies (the AWQ search
-    waits for it at the first layer), or first. Beside pays on a GPU; on a CPU both compete for its
-    cores."""
+    """Build the calibration `beside` the first reads and the outside tensors' copies (the first layer
+    waits for it), or first. Beside pays on a GPU when the reads set the pace; on a CPU both compete
+    for its cores."""
     started = time.time()
 
     def timed() -> Calibration:

@@ -270,3 +270,37 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     monkeypatch.setattr(thresholds_job, "start_thresholds_child", real_start)
     assert decdec_setup.main([*args, *data, "--output", str(tmp_path / "fallback")]) == 0
     assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))
+
+
+def test_a_search_is_set_up_before_the_model_is_read(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """With a search, reading early gains nothing (the search sets the pace) and, on a cold cache, slows
+    the set-up's imports: conv_awq.py and the one pass start reading the model once the search is set up."""
+    import conv_awq
+    import decdec_setup
+    from common.quant import awq_search
+    original, _ = llama_pair
+    events: list[str] = []
+    set_up = awq_search.start_search
+
+    def recorded_start_search(*args, **kwargs):
+        search = set_up(*args, **kwargs)
+        events.append("search set up")
+        return search
+
+    monkeypatch.setattr(awq_search, "start_search", recorded_start_search)
+    monkeypatch.setattr(conv_awq, "start_search", recorded_start_search)
+    monkeypatch.setattr(conv_awq, "start_readahead", lambda *args, **kwargs: events.append("read-ahead"))
+    monkeypatch.setattr(decdec_setup, "read_ahead", lambda *args, **kwargs: events.append("read-ahead"))
+    search = ["--calib_data", str(corpus_file), *map(str, SEARCH), "--q_group_size", str(GROUP), "--device", "cpu",
+              "--quiet"]
+    assert conv_awq.main(["--model_path", str(original), "--run_awq", "--dump_awq", str(tmp_path / "awq.pt"),
+                          *search]) == 0
+    assert events == ["search set up", "read-ahead"]
+    events.clear()
+    assert decdec_setup.main(["--model", str(original), "--output", str(tmp_path / "one"), "--method", "awq",
+                              "--dataset", str(corpus_file), *map(str, THRESHOLDS), *search]) == 0
+    assert events == ["search set up", "read-ahead"]
+    events.clear()
+    assert conv_awq.main(["--model_path", str(original), "--awq_results", str(tmp_path / "awq.pt"),
+                          "--real_output", str(tmp_path / "real"), "--q_group_size", str(GROUP), "--quiet"]) == 0
+    assert events == ["read-ahead"]  # no search: reading starts at once

@@ -249,13 +249,18 @@ class LayerwiseSearch:
 
     def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, blocks: torch.Tensor, device: torch.device,
                  dtype: torch.dtype, blocks_per_batch: int, trust_remote_code: bool = False):
+        started = time.time()
         self.model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
-        self.times = StageTimes(device)
+        self.set_up_times: dict[str, float] = {}  # the set-up's stages, for the report
         try:
             for index, layer in enumerate(self.model.layers):  # weights are on `meta`: shapes only
                 scale_groups(layer, f"{checkpoint.dir}: layer {index}")
+            self.set_up_times["model skeleton and embeddings"] = time.time() - started
+            self.times = StageTimes(device)  # from here on, the search's stages
             self.inputs = self.model.capture_inputs(list(blocks.split(blocks_per_batch)))
             self.model.release_outside_layers()
+            self.times.lap("layer inputs")
+            self.set_up_times["layer inputs"] = self.times.pop("layer inputs")
         except BaseException:
             self.model.close()
             raise
@@ -293,11 +298,17 @@ def start_search(checkpoint: Checkpoint, layout: LayerLayout, device: torch.devi
     from common.layers import check_seq_len
     from common.calib.layerwise import load_tokenizer
     check_seq_len(checkpoint, seqlen, "--seqlen")
+    started = time.time()
     tokenizer = load_tokenizer(checkpoint.dir, trust_remote_code)
+    loaded = time.time()
     texts = load_texts(calib_data, text_column, flag="--calib_data", keep_empty=True)
     with naming("--calib_data", calib_data):
         blocks = sample_awq_blocks(texts, tokenizer.encode, n_samples, seqlen)
-    return LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code)
+    sampled = time.time()
+    search = LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code)
+    search.set_up_times = {"transformers and the tokenizer": loaded - started,
+                           "calibration blocks": sampled - loaded, **search.set_up_times}
+    return search
 
 
 def results_entries(transforms: list[LayerTransforms], layout: LayerLayout) -> dict:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Round 6 (2026-12-04): the one pass (rtn, sqllm, awq with search) and conv_awq.py's whole AWQ path on the
+# 8B shape, cold, with the libraries' bytecode compiled as pip leaves it; rtn also before the compile, on
+# the same instance, to show what the image's missing bytecode costs. PART=1 or PART=2 runs one half
+# (each fits one 10-minute call on the GPU machine; the model stays in the work dir between them).
+# Usage: [PART=1|2] bash bench/run_gpu_round6.sh [work dir] [log dir]       (about 55 GB of disk)
+. "$(dirname "$0")/common.sh" "$@"
+THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
+PART=${PART:-all}
+
+if [ "$PART" != 2 ]; then
+  machine
+  original_8b
+  info "rtn, 3 bit g128, the image as it is (no bytecode)"
+  one_pass rtn-no-bytecode --method rtn --w_bit 3 --q_group_size 128
+  bytecode
+  info "rtn, 3 bit g128"
+  one_pass rtn --method rtn --w_bit 3 --q_group_size 128
+  info "sqllm, 3 bit"
+  $PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
+  $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
+  one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
+  rm -rf "$W/sqllm3"
+fi
+if [ "$PART" != 1 ]; then
+  [ "$PART" = 2 ] && { machine; original_8b; bytecode; }
+  info "awq with the search (80k calibration tokens), 3 bit g128"
+  one_pass awq-search --method awq --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 \
+      --q_group_size 128
+  info "conv_awq.py: search + every output, one command"
+  $M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
+      --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
+      --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
+      --quiet 2> "$LOG/conv_awq.err"
+  cat "$LOG/conv_awq.err"; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
+fi
+info "done"
