@@ -45,3 +45,18 @@ one_pass() {  # one_pass NAME [decdec_setup.py flags]: decdec_setup.py on the 8B
       $THRESHOLDS --quiet 2> "$LOG/$name.err"
   cat "$LOG/$name.err"; du -sh "$W/$name"; rm -rf "$W/$name"
 }
+sqllm_folder() {  # the 8B model's synthetic 3-bit SqueezeLLM folder, and the read floor of both inputs, cold
+  $PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
+  $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
+}
+awq_search_one_pass() {  # decdec_setup.py --method awq with the search on ~80k calibration tokens, 3 bit g128
+  one_pass awq-search --method awq --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 \
+      --q_group_size 128
+}
+conv_awq_all() {  # conv_awq.py's whole AWQ path in one cold command: search + every output (left in $W)
+  $M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
+      --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
+      --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
+      --quiet 2> "$LOG/conv_awq.err"
+  cat "$LOG/conv_awq.err"
+}

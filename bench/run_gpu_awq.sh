@@ -13,11 +13,7 @@ corpus_files
 $M --label io-floor-read-one-8b -- $PY bench/read_floor.py "$W/original"
 
 info "conv_awq.py: search + every output, one command, cold"
-$M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
-    --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
-    --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
-    --quiet 2> "$LOG/conv_awq.err"
-cat "$LOG/conv_awq.err"
+conv_awq_all
 du -sh "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
 
 info "check: pytorch_model.bin decodes to the fake-quantized weights (layers 0 and 31, on the GPU)"

@@ -13,8 +13,7 @@ info "rtn, 3 bit g128"
 one_pass rtn --method rtn --w_bit 3 --q_group_size 128
 
 info "sqllm, 3 bit"
-$PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
-$M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
+sqllm_folder
 one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
 if [ -n "${CONV_SQLLM:-}" ]; then  # the separate converter too (its tables are read the same way)
   $M --label conv_sqllm-8b -- $PY conv_sqllm.py --original_model_path "$W/original" --quantized_path "$W/sqllm3" \
@@ -23,6 +22,5 @@ fi
 rm -rf "$W/sqfq" "$W/sqllm3"
 
 info "awq with the search (80k calibration tokens), 3 bit g128"
-one_pass awq-search --method awq --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 \
-    --q_group_size 128
+awq_search_one_pass
 info "done"

@@ -17,9 +17,5 @@ info "decdec_setup.py rtn, 3 bit g128"
 one_pass rtn --method rtn --w_bit 3 --q_group_size 128
 
 info "conv_awq.py: search + every output, one command, cold"
-$M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
-    --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
-    --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
-    --quiet 2> "$LOG/conv_awq.err"
-cat "$LOG/conv_awq.err"; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
+conv_awq_all; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
 info "done"

@@ -17,21 +17,15 @@ if [ "$PART" != 2 ]; then
   info "rtn, 3 bit g128"
   one_pass rtn --method rtn --w_bit 3 --q_group_size 128
   info "sqllm, 3 bit"
-  $PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
-  $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
+  sqllm_folder
   one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
   rm -rf "$W/sqllm3"
 fi
 if [ "$PART" != 1 ]; then
   [ "$PART" = 2 ] && { machine; original_8b; bytecode; }
   info "awq with the search (80k calibration tokens), 3 bit g128"
-  one_pass awq-search --method awq --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 \
-      --q_group_size 128
+  awq_search_one_pass
   info "conv_awq.py: search + every output, one command"
-  $M --label conv_awq-search-all-outputs-8b -- $PY conv_awq.py --model_path "$W/original" --run_awq \
-      --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 --q_group_size 128 \
-      --dump_awq "$W/awq.pt" --scaled_output "$W/scaled" --fakequant_output "$W/fq" --real_output "$W/real" \
-      --quiet 2> "$LOG/conv_awq.err"
-  cat "$LOG/conv_awq.err"; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
+  conv_awq_all; rm -rf "$W/scaled" "$W/fq" "$W/real" "$W/awq.pt"
 fi
 info "done"
