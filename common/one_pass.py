@@ -10,7 +10,7 @@ The converter (common.io.convert) reads the layers ahead and writes the model ou
 output folder's writer streams cheatsheet.pt as layers finish and writes thresholds.pt at the end.
 RTN and SqueezeLLM thresholds depend on the original model only: on a GPU thresholds.py's own run
 computes them in a child process (common.calib.thresholds_job) that decdec_setup.py starts before
-anything else, since its imports (12-15 s on some machines) are the longest path; its Python work
+anything else, since its imports (6-15 s on the H200 test machine) are the longest path; its Python work
 never holds the loop's GIL, and it reads the layers again, from the page cache as a rule. AWQ's
 thresholds are the scaled model's, so they run in the loop. With a search, its set-up (tokenizer,
 blocks, the layer-by-layer model) comes first and the model is read after it, since the search, not

@@ -100,7 +100,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     # Shifting into bit 31 wraps as intended: the result is the bit pattern.
     packed = torch.zeros((out_features // ROWS_PER_PACK, in_features), dtype=torch.int32, device=codes.device)
     for k in range(ROWS_PER_PACK):
-        packed |= rows[:, k].to(torch.int32).add_(NIBBLE_OFFSET).bitwise_left_shift_(4 * k)
+        packed |= rows[:, k].to(torch.int32, copy=True).add_(NIBBLE_OFFSET).bitwise_left_shift_(4 * k)
     return packed.t().contiguous()
 
 
