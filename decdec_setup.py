@@ -94,6 +94,12 @@ def searches(args: argparse.Namespace) -> bool:
     return args.method == "awq" and not args.awq_results
 
 
+def thresholds_beside_search(device) -> bool:
+    """Whether the AWQ thresholds' set-up runs in a thread beside the first layer's search (which
+    needs only its own set-up): on a GPU; on a CPU both would compete for the same cores."""
+    return device.type == "cuda"
+
+
 def read_ahead(args: argparse.Namespace) -> None:
     """Warm the page cache with the model's tensors in the background (the layer loop reads them)."""
     start_readahead([Path(args.model)], skip=("lm_head",) if args.method == "sqllm" else ())
@@ -226,13 +232,11 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     def build_calibration() -> Calibration:
         if args.method != "awq" or args.awq_results:
             return Calibration(finished(build_thresholds()))
-        # the search first: the first layer waits for it, and for the thresholds only after its search,
-        # so on a GPU their set-up runs beside that search
+        # the search first: the first layer waits for it, and for the thresholds only after its search
         search = start_search(checkpoint, layout, device, args.calib_data, args.calib_text_column, args.n_samples,
                               args.seqlen, getattr(torch, args.awq_dtype), 16, args.trust_remote_code)
         try:
-            beside = device.type == "cuda"
-            return Calibration(run_beside(build_thresholds, "thresholds-set-up") if beside
+            return Calibration(run_beside(build_thresholds, "thresholds-set-up") if thresholds_beside_search(device)
                                else finished(build_thresholds()), search)
         except BaseException:
             search.close()

@@ -304,3 +304,21 @@ def test_a_search_is_set_up_before_the_model_is_read(llama_pair, corpus_file, tm
     assert conv_awq.main(["--model_path", str(original), "--awq_results", str(tmp_path / "awq.pt"),
                           "--real_output", str(tmp_path / "real"), "--q_group_size", str(GROUP), "--quiet"]) == 0
     assert events == ["read-ahead"]  # no search: reading starts at once
+
+
+def test_awq_thresholds_set_up_beside_the_first_search(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """The GPU's order (the thresholds' set-up in a thread while the first layer is searched), forced on
+    the CPU: the same cheatsheet, thresholds and checkpoint as building them one after the other."""
+    import decdec_setup
+    original, _ = llama_pair
+    args = ["--model", str(original), "--method", "awq", "--q_group_size", str(GROUP), "--calib_data",
+            str(corpus_file), "--awq_dtype", "float32", *map(str, SEARCH), "--dataset", str(corpus_file),
+            *map(str, THRESHOLDS), "--device", "cpu", "--quiet"]
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "in-order")]) == 0
+    beside = []
+    monkeypatch.setattr(decdec_setup, "thresholds_beside_search", lambda device: not beside.append(device))
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "beside")]) == 0
+    assert len(beside) == 1
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
+        assert_same_tree(load(tmp_path / "beside" / name), load(tmp_path / "in-order" / name), name)
