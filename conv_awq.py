@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from common.quant.awq import (LayerTransforms, Quantizer, check_quantizable, layer_outputs,  # noqa: E402
                         load_bit_widths, load_results, split_by_layer)
 from common.quant.awq_search import start_search  # noqa: E402
-from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.cli import (add_device_arg, add_output_args, pick_device, progress, report_written,  # noqa: E402
+                        seconds_by_stage)
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import find_layers  # noqa: E402
@@ -183,10 +184,9 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
     total = time.time() - started
     times = f"reading, quantizing, writing {total - set_up - search_seconds:.1f} s"
     if search is not None:
-        stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.times.items() if k != "outside the search")
-        set_up_stages = ", ".join(f"{k} {v:.1f} s" for k, v in search.set_up_times.items())
-        times = (f"calibration set-up {set_up:.1f} s ({set_up_stages}); search {search_seconds:.1f} s ({stages}); "
-                 f"{times} besides")
+        stages = seconds_by_stage(search.times, leave_out=("outside the search",))
+        times = (f"calibration set-up {set_up:.1f} s ({seconds_by_stage(search.set_up_times)}); "
+                 f"search {search_seconds:.1f} s ({stages}); {times} besides")
     if device.type == "cuda":
         times += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return len(layout.layers), times

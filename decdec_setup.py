@@ -24,7 +24,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.cli import (add_device_arg, add_output_args, pick_device, progress, report_written,  # noqa: E402
+                        seconds_by_stage)
 from common.errors import InputError, run_main  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
 
@@ -242,8 +243,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             search.close()
             raise
 
-    calibration = None if child else start_calibration(build_calibration,
-                                                       beside=device.type == "cuda" and not searches(args))
+    calibration_beside = device.type == "cuda" and not searches(args)  # else first, in the start-up
+    calibration = None if child else start_calibration(build_calibration, beside=calibration_beside)
     if searches(args):
         read_ahead(args)
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
@@ -282,17 +283,18 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     parts.remove()
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in one_pass.times.items())
-    search = None if child else calibration.result().search
-    beside = (f"thresholds in a second process {child.seconds:.1f} s" if child else
-              f"calibration set-up {calibration.result().seconds:.1f} s"
-              + (", beside the first layers" if device.type == "cuda" and not searches(args) else ", in the start-up")
-              + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in search.set_up_times.items()) + ")"
-                 if search is not None else ""))
+    if child:
+        beside = f"thresholds in a second process {child.seconds:.1f} s"
+    else:
+        search = calibration.result().search
+        beside = (f"calibration set-up {calibration.result().seconds:.1f} s"
+                  f"{', beside the first layers' if calibration_beside else ', in the start-up'}"
+                  f"{f' ({seconds_by_stage(search.set_up_times)})' if search is not None else ''}")
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
     return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (start-up "
-            f"{loop_started - PROCESS_STARTED:.1f} s; {beside}; per layer: {stages}{memory})")
+            f"{loop_started - PROCESS_STARTED:.1f} s; {beside}; per layer: {seconds_by_stage(one_pass.times)}"
+            f"{memory})")
 
 
 if __name__ == "__main__":

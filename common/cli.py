@@ -52,6 +52,11 @@ def progress(items: Iterable[T], quiet: bool, desc: str, total: int | None = Non
     return iter(tqdm(items, desc=desc, total=total, disable=quiet, dynamic_ncols=True, leave=False))
 
 
+def seconds_by_stage(times: dict[str, float], leave_out: tuple[str, ...] = ()) -> str:
+    """'stage 1.2 s, other 3.4 s': the stage times of a final report line."""
+    return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in times.items() if stage not in leave_out)
+
+
 def report_written(paths: list, summary: str) -> None:
     """The lines a run ends with, --quiet or not: what it did, and where each output now is."""
     print(f"{summary}; wrote:", file=sys.stderr)
