@@ -248,10 +248,12 @@ class LayerwiseSearch:
     """The AWQ search over a whole model, fed one layer's weights at a time by the converter."""
 
     def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, blocks: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype, blocks_per_batch: int, trust_remote_code: bool = False):
+                 dtype: torch.dtype, blocks_per_batch: int, trust_remote_code: bool = False,
+                 set_up_times: dict[str, float] | None = None):
+        """`set_up_times`: seconds of the set-up's earlier stages (the report lists them all)."""
         started = time.time()
         self.model = LayerwiseModel(checkpoint, layout, device, dtype, trust_remote_code)
-        self.set_up_times: dict[str, float] = {}  # the set-up's stages, for the report
+        self.set_up_times = dict(set_up_times or {})
         try:
             for index, layer in enumerate(self.model.layers):  # weights are on `meta`: shapes only
                 scale_groups(layer, f"{checkpoint.dir}: layer {index}")
@@ -304,11 +306,9 @@ def start_search(checkpoint: Checkpoint, layout: LayerLayout, device: torch.devi
     texts = load_texts(calib_data, text_column, flag="--calib_data", keep_empty=True)
     with naming("--calib_data", calib_data):
         blocks = sample_awq_blocks(texts, tokenizer.encode, n_samples, seqlen)
-    sampled = time.time()
-    search = LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code)
-    search.set_up_times = {"transformers and the tokenizer": loaded - started,
-                           "calibration blocks": sampled - loaded, **search.set_up_times}
-    return search
+    set_up_times = {"transformers and the tokenizer": loaded - started, "calibration blocks": time.time() - loaded}
+    return LayerwiseSearch(checkpoint, layout, blocks, device, dtype, blocks_per_batch, trust_remote_code,
+                           set_up_times)
 
 
 def results_entries(transforms: list[LayerTransforms], layout: LayerLayout) -> dict:
