@@ -73,6 +73,9 @@ class ChildProcess:
                                        name=name, daemon=True)
         self.process.start()
         send.close()
+        # one thread at a time reaps the process: two concurrent joins race in waitpid, and the loser
+        # can see a dead child as alive (CPython's Popen.poll reads ECHILD as "not yet created")
+        self._reaping = threading.Lock()
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()
         threading.Thread(target=self._collect, args=(receive,), name=f"{name}-result", daemon=True).start()
@@ -82,7 +85,7 @@ class ChildProcess:
             ok, value = receive.recv()
             self.ended = time.time()
         except (EOFError, OSError):
-            self.process.join(timeout=5)
+            self._join(timeout=5)
             self.future.set_exception(ChildDied(f"the {self.process.name} process ended without a result "
                                                 f"(exit code {self.process.exitcode}; out of memory?)"))
             return
@@ -91,11 +94,15 @@ class ChildProcess:
             return
         finally:
             receive.close()
-        self.process.join(timeout=30)
+        self._join(timeout=30)
         if ok:
             self.future.set_result(value)
         else:
             self.future.set_exception(value)
+
+    def _join(self, timeout: float) -> None:
+        with self._reaping:
+            self.process.join(timeout=timeout)
 
     def wait_ready(self, timeout: float) -> None:
         """Until the function sets its Event, ends, or `timeout` seconds pass."""
@@ -111,6 +118,7 @@ class ChildProcess:
 
     def stop(self) -> None:
         """End the child now if it is still working (the run failed or was interrupted)."""
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=10)
+        with self._reaping:
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(timeout=10)
