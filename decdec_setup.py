@@ -24,12 +24,15 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
+from common.background import run_beside  # noqa: E402
 from common.cli import (add_device_arg, add_output_args, pick_device, progress, report_written,  # noqa: E402
                         seconds_by_stage)
 from common.errors import InputError, run_main  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from common.calib.thresholds_job import ThresholdsJob
     from common.child import ChildProcess
 
@@ -138,16 +141,19 @@ def main(argv: list[str] | None = None) -> int:
                         "--model")
     # on a GPU the child's imports are the longest path: it starts before this process imports torch
     child = start_thresholds_child(job) if thresholds_in_child(args.method, args.device) else None
+    samples = None
     if child is None and not searches(args):
         read_ahead(args)
+        samples = run_beside(job.samples, "calibration-samples")
     try:
-        return set_up(args, model_dir, job, child)
+        return set_up(args, model_dir, job, child, samples)
     finally:
         if child is not None:
             child.stop()
 
 
-def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child: ChildProcess | None) -> int:
+def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child: ChildProcess | None,
+           samples: Future | None) -> int:
     """Everything after the child's start: the device, the outputs claimed, the pass, the report."""
     from common.io.outputs import claimed_outputs
     device = pick_device(args.device)
@@ -166,7 +172,8 @@ def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child:
         ("--dataset", args.dataset)) if value}
     inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
     with claimed_outputs(claimed, inputs, args.overwrite):
-        summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()], job, child)
+        summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()], job, child,
+                      samples)
     written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
     report_written(written, summary)
     if args.method == "sqllm":
@@ -182,7 +189,7 @@ NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "ma
 
 
 def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device, inputs: list[Path],
-        job: ThresholdsJob, child: ChildProcess | None) -> str:
+        job: ThresholdsJob, child: ChildProcess | None, samples: Future | None) -> str:
     """The pass itself, while this run holds the outputs; `child`, if any, computes the thresholds.
     Returns the summary line."""
     import torch
@@ -197,7 +204,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     from common.io.model_files import Checkpoint
     from common.io.model_writer import parse_size
     from common.io.parts import PartStore
-    from common.background import close_when_done, finished, run_beside
+    from common.background import close_when_done, finished
     from common.one_pass import (Calibration, OnePass, SetupFolderWriter, parts_folder, run_fingerprint,
                                  start_calibration)
     from common.quant.sqllm import QuantizedFolder, TableReader
@@ -221,11 +228,12 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     tables = TableReader(sqllm, layers) if sqllm else None  # its child processes start now
 
     def build_thresholds() -> LayerwiseThresholds:
-        samples = job.samples()
+        # the samples first: their thread imports transformers, which two threads must not do at once
+        calibration_samples = samples.result() if samples else job.samples()
         model = LayerwiseModel(checkpoint, layout, device, getattr(torch, args.dtype), args.trust_remote_code,
                                via_float16=args.method == "awq")
         try:
-            return LayerwiseThresholds(model, samples, args.batch_size)
+            return LayerwiseThresholds(model, calibration_samples, args.batch_size)
         except BaseException:
             model.close()
             raise
@@ -243,7 +251,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
             search.close()
             raise
 
-    calibration_beside = device.type == "cuda" and not searches(args)  # else first, in the start-up
+    calibration_beside = not searches(args)  # else first, in the start-up
     calibration = None if child else start_calibration(build_calibration, beside=calibration_beside)
     if searches(args):
         read_ahead(args)

@@ -6,7 +6,7 @@ DEFAULT_WORK=/tmp/decdec-cpu-bench . "$(dirname "$0")/common.sh" "$@"
 model tinyllama "$W/original" --layers 4
 corpus_files
 T="--dataset $W/calibration.txt --sampling concat --seq_len 128 --num_examples 16 --device cpu --quiet"
-for round in 1 2; do
+for round in ${ROUNDS:-1 2}; do
   rm -rf "$W/fq" "$W/sep" "$W/one"
   $M --label "cpu-separate-conv_awq-$round" -- $PY conv_awq.py --model_path "$W/original" --w_bit 3 \
       --q_group_size 128 --fakequant_output "$W/fq" --real_output "$W/sep" --device cpu --quiet

@@ -4,14 +4,16 @@ A set-up that is mostly importing Python modules holds the GIL nearly all the ti
 call of the main thread lets the GIL go and then waits up to a whole switch interval (5 ms by
 default) to get it back, so a layer's thousands of kernel launches would take seconds: 20,000
 small ops took 65 s beside a CPU-bound thread at 5 ms, 1.2 s at 0.1 ms, 0.06 s alone (CPython
-3.11). While a set-up runs, the interval is therefore 0.1 ms.
+3.11). While a set-up runs, the interval is therefore 0.1 ms, and CPU work launches fewer, larger
+kernels (`setting_up`) on one thread (`sharing_the_cpu`).
 """
 from __future__ import annotations
 
 import sys
 import threading
 from concurrent.futures import Future
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -62,3 +64,25 @@ def finished(value: T) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def setting_up() -> bool:
+    """Whether a set-up thread runs now, holding the GIL most of the time."""
+    return _running > 0
+
+
+@contextmanager
+def sharing_the_cpu(device) -> Iterator[None]:
+    """While a set-up runs beside CPU work, that work's kernels run on one thread and leave the set-up
+    the other core(s): an OpenMP kernel waits for its slowest thread, so two threads on two cores, one
+    of them shared with the set-up, ran at the pace of the shared one."""
+    import torch
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not setting_up() or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -42,6 +43,8 @@ class PartStore:
         for stale in self.dir.glob(".*.tmp-*"):  # a killed run's half-written part (we hold the lock)
             stale.unlink(missing_ok=True)
         stamp.write_text(json.dumps(fingerprint))
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: Future | None = None
 
     def path(self, layer: int) -> Path:
         return self.dir / f"layer-{layer:05d}.safetensors"
@@ -55,6 +58,21 @@ class PartStore:
         with atomic_file(self.path(layer), self.resume_hint()) as temp:
             temp.write_bytes(safetensors_bytes(flat))
 
+    def write_beside(self, layer: int, results: dict[str, dict[str, torch.Tensor]]) -> None:
+        """`write` on a thread of the store's own while the next layer computes (on 2 CPU cores a
+        TinyLlama layer's part took 0.15 s to write, 15 % of its cheatsheet); one write is in flight at
+        most: this waits for the one before, and raises its error. `results` must not change after."""
+        self.wait()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-part")
+        self._writing = self._writer.submit(self.write, layer, results)
+
+    def wait(self) -> None:
+        """Wait for the write in flight, if any, and raise its error."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
     def resume_hint(self) -> str:
         return f"; finished layers are kept in {self.dir}: the same command resumes from them"
 
@@ -66,4 +84,13 @@ class PartStore:
         return results
 
     def remove(self) -> None:
+        """Drop every part (the run is over, or its input was bad): a write in flight ends first, its
+        error ignored, since no part is kept anyway."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the parts are dropped anyway
+            pass
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -8,7 +8,6 @@ model size, and parts whose fingerprint matches are reused after an interruption
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -247,24 +246,21 @@ def _compute_layers(models: PairedModels, parts: PartStore, options: CheatsheetO
         return (models.original.read_raw(layer.linears[module], pin),
                 models.quantized.read_raw(models.quantized_layout.layers[layer.index].linears[module], pin))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-part") as part_writer:
-        last_write: Future | None = None
-        layer_results = LayerResults(None)
-        for (layer, module), (raw_o, raw_q) in prefetched(jobs(), read, depth=READ_AHEAD):
-            if layer is not layer_results.layer:
-                if layer_results.layer is not None:
-                    last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
-                    yield layer_results.layer.index, layer_results.modules
-                layer_results = LayerResults(layer)
-            name_q = models.quantized_layout.layers[layer.index].linears[module]
-            layer_results.add_linear(module, raw_o.to(device, non_blocking=True), raw_q.to(device, non_blocking=True),
-                                     options, f"{models.original.dir}: tensor {layer.linears[module]}",
-                                     f"{models.quantized.dir}: tensor {name_q}")
-        if layer_results.layer is not None:
-            last_write = _submit_part(layer_results, options, parts, part_writer, last_write)
-            yield layer_results.layer.index, layer_results.modules
-        if last_write is not None:
-            last_write.result()
+    layer_results = LayerResults(None)
+    for (layer, module), (raw_o, raw_q) in prefetched(jobs(), read, depth=READ_AHEAD):
+        if layer is not layer_results.layer:
+            if layer_results.layer is not None:
+                parts.write_beside(layer_results.layer.index, layer_results.finish(options))
+                yield layer_results.layer.index, layer_results.modules
+            layer_results = LayerResults(layer)
+        name_q = models.quantized_layout.layers[layer.index].linears[module]
+        layer_results.add_linear(module, raw_o.to(device, non_blocking=True), raw_q.to(device, non_blocking=True),
+                                 options, f"{models.original.dir}: tensor {layer.linears[module]}",
+                                 f"{models.quantized.dir}: tensor {name_q}")
+    if layer_results.layer is not None:
+        parts.write_beside(layer_results.layer.index, layer_results.finish(options))
+        yield layer_results.layer.index, layer_results.modules
+    parts.wait()
 
 
 class LayerResults:
@@ -306,12 +302,3 @@ class LayerResults:
         if not bool(flags.all()):
             problem = self._problems[int((~flags).nonzero()[0])]
             raise InputError(problem if isinstance(problem, str) else problem())
-
-
-def _submit_part(results: LayerResults, options: CheatsheetOptions, parts: PartStore,
-                 part_writer: ThreadPoolExecutor, last_write: Future | None) -> Future:
-    """Check the layer, bring it to the CPU, add fused entries, and queue its part file."""
-    results.finish(options)
-    if last_write is not None:
-        last_write.result()  # at most one layer waits to be written
-    return part_writer.submit(parts.write, results.layer.index, results.modules)
