@@ -176,7 +176,7 @@ class OnePass:
         times.lap("read and check")
         with sharing_the_cpu(self.device):
             results = self._quantize(index, tensors, tables, calibration, part, times)
-            modules = self._cheatsheet(index, results["scaled"], results["fakequant"], part)
+        modules = self._cheatsheet(index, results["scaled"], results["fakequant"], part)
         if self.parts is not None and not part:
             searched = self.method == "awq" and calibration.search is not None
             entries = {**(modules if self.cheatsheet_parts else {}),
@@ -232,8 +232,9 @@ class OnePass:
         where = f"{self.checkpoint.dir}: layer {index}"
         sheet = LayerResults(self.layout.layers[index])
         for module in sorted(self.layout.layers[index].linears):
-            sheet.add_linear(module, original[f"{module}.weight"], quantized[f"{module}.weight"], self.cheatsheet,
-                             f"{where} {module} (original)", f"{where} {module} (quantized)")
+            with sharing_the_cpu(self.device):  # a Linear at a time: all cores again once the set-up is done
+                sheet.add_linear(module, original[f"{module}.weight"], quantized[f"{module}.weight"],
+                                 self.cheatsheet, f"{where} {module} (original)", f"{where} {module} (quantized)")
         return sheet.finish(self.cheatsheet)
 
     def finish(self) -> list[str]:
