@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's CPU comparison: a 4-layer TinyLlama-shaped model, RTN 3 bit g128, 16 x 128 thresholds
 # tokens: decdec_setup.py against the three separate commands that make the same folder. Cold cache each.
-# Usage: bash bench/run_cpu_one_pass.sh [work dir] [log dir]
+# Usage: [ROUNDS="1 2 ..."] bash bench/run_cpu_one_pass.sh [work dir] [log dir]      (2 rounds by default)
 DEFAULT_WORK=/tmp/decdec-cpu-bench . "$(dirname "$0")/common.sh" "$@"
 model tinyllama "$W/original" --layers 4
 corpus_files
