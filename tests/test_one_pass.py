@@ -272,6 +272,35 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))
 
 
+def test_first_layers_beside_a_slow_set_up_on_a_cpu(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """On a CPU the layers that start while the calibration set-up still runs (slowed down here) are
+    quantized on one torch thread with their thresholds after their other stages: every file equals
+    a run without the delay, and all threads come back."""
+    import time
+
+    import decdec_setup
+    from common.background import setting_up
+    from common.calib.thresholds_job import ThresholdsJob
+    from common.quant.cheatsheet_build import LayerResults
+
+    original, _ = llama_pair
+    args = [str(a) for a in ["--model", original, "--method", "rtn", "--q_group_size", GROUP, *THRESHOLDS,
+                             "--dataset", corpus_file, "--device", "cpu", "--quiet"]]
+    threads = torch.get_num_threads()
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "undelayed")]) == 0
+    real_samples, real_add = ThresholdsJob.samples, LayerResults.add_linear
+    seen = []
+    monkeypatch.setattr(ThresholdsJob, "samples", lambda job: time.sleep(3) or real_samples(job))
+    monkeypatch.setattr(LayerResults, "add_linear", lambda self, *a, **k: seen.append(
+        (setting_up(), torch.get_num_threads())) or real_add(self, *a, **k))
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "beside")]) == 0
+    assert seen[0] == (True, 1) and seen[-1] == (False, threads)  # one thread only while the set-up runs
+    assert torch.get_num_threads() == threads
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):
+        assert_same_tree(load(tmp_path / "beside" / name), load(tmp_path / "undelayed" / name), name)
+
+
 def test_a_search_is_set_up_before_the_model_is_read(llama_pair, corpus_file, tmp_path, monkeypatch):
     """With a search, reading early gains nothing (the search sets the pace) and, on a cold cache, slows
     the set-up's imports: conv_awq.py and the one pass start reading the model once the search is set up."""
