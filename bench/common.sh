@@ -49,6 +49,13 @@ sqllm_folder() {  # the 8B model's synthetic 3-bit SqueezeLLM folder, and the re
   $PY bench/make_sqllm_folder.py --model "$W/original" --bits 3 --out "$W/sqllm3"
   $M --label io-floor-sqllm-inputs -- $PY bench/read_floor.py "$W/original" "$W/sqllm3"
 }
+rtn_and_sqllm_one_pass() {  # decdec_setup.py rtn (3 bit g128), then sqllm (3 bit) on a synthetic folder left in $W/sqllm3
+  info "rtn, 3 bit g128"
+  one_pass rtn --method rtn --w_bit 3 --q_group_size 128
+  info "sqllm, 3 bit"
+  sqllm_folder
+  one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
+}
 awq_search_one_pass() {  # decdec_setup.py --method awq with the search on ~80k calibration tokens, 3 bit g128
   one_pass awq-search --method awq --calib_data "$W/calib.jsonl" --n_samples 460 --seqlen 512 --w_bit 3 \
       --q_group_size 128

@@ -9,12 +9,7 @@ machine
 bytecode  # as a pip install leaves the libraries (BYTECODE=0: the image as it is)
 original_8b
 
-info "rtn, 3 bit g128"
-one_pass rtn --method rtn --w_bit 3 --q_group_size 128
-
-info "sqllm, 3 bit"
-sqllm_folder
-one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
+rtn_and_sqllm_one_pass
 if [ -n "${CONV_SQLLM:-}" ]; then  # the separate converter too (its tables are read the same way)
   $M --label conv_sqllm-8b -- $PY conv_sqllm.py --original_model_path "$W/original" --quantized_path "$W/sqllm3" \
       --output_path "$W/sqfq" --quiet

@@ -17,11 +17,7 @@ if [ "$PART" != 2 ]; then
     one_pass rtn-no-bytecode --method rtn --w_bit 3 --q_group_size 128
   fi
   bytecode
-  info "rtn, 3 bit g128"
-  one_pass rtn --method rtn --w_bit 3 --q_group_size 128
-  info "sqllm, 3 bit"
-  sqllm_folder
-  one_pass sqllm --method sqllm --quantized_path "$W/sqllm3"
+  rtn_and_sqllm_one_pass
   rm -rf "$W/sqllm3"
 fi
 if [ "$PART" != 1 ]; then
