@@ -272,6 +272,28 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))
 
 
+def test_sqllm_reads_no_tensor_it_does_not_write(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """The sqllm folder holds no model tensors, so the LM head (1 GB of an 8B model) is never read; asked
+    for the fake-quantized model too, the run reads it for that model."""
+    import decdec_setup
+    from common.io.model_files import Checkpoint
+
+    original, _ = llama_pair
+    make_quantized_folder(original, tmp_path / "q")
+    read: list[str] = []
+    real_read = Checkpoint.read_raw
+    monkeypatch.setattr(Checkpoint, "read_raw", lambda self, name, pin=False: read.append(name) or
+                        real_read(self, name, pin))
+    args = [str(a) for a in ["--model", original, "--method", "sqllm", "--quantized_path", tmp_path / "q",
+                             "--dataset", corpus_file, *THRESHOLDS, "--device", DEVICE, "--quiet"]]
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "folder")]) == 0
+    assert "model.layers.1.mlp.down_proj.weight" in read and "lm_head.weight" not in read
+    read.clear()
+    assert decdec_setup.main([*args, "--output", str(tmp_path / "with_fq"), "--fakequant_output",
+                              str(tmp_path / "fq")]) == 0
+    assert "lm_head.weight" in read
+
+
 def test_first_layers_beside_a_slow_set_up_on_a_cpu(llama_pair, corpus_file, tmp_path, monkeypatch):
     """On a CPU the layers that start while the calibration set-up still runs (slowed down here) are
     quantized on one torch thread with their thresholds after their other stages: every file equals

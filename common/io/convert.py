@@ -71,9 +71,12 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
             copy_model_files(checkpoint.dir, temp)
         check_free_space([(outputs[key], writer.total_size, outputs[key].name) for key, writer in writers.items()])
         for name in layout.outside:
-            tensor = checkpoint.read_raw(name).to(output_dtype(checkpoint.tensors[name].dtype))
-            for writer in writers.values():
-                if name in writer.expected:  # a writer may plan only some tensors (decdec_setup's sqllm folder)
+            # a writer may plan only some tensors: decdec_setup's sqllm folder plans none, so the
+            # embeddings and the LM head (2 GB of an 8B model) are not read at all
+            wanted = [writer for writer in writers.values() if name in writer.expected]
+            if wanted:
+                tensor = checkpoint.read_raw(name).to(output_dtype(checkpoint.tensors[name].dtype))
+                for writer in wanted:
                     writer.write(name, tensor)
 
         def read_layer(index: int) -> tuple[dict[str, torch.Tensor], Any]:
