@@ -104,9 +104,21 @@ def thresholds_beside_search(device) -> bool:
     return device.type == "cuda"
 
 
-def read_ahead(args: argparse.Namespace) -> None:
-    """Warm the page cache with the model's tensors in the background (the layer loop reads them)."""
-    start_readahead([Path(args.model)], skip=("lm_head",) if args.method == "sqllm" else ())
+def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
+    """(layer, file) of every table a SqueezeLLM run reads: lut_<bits>/l<i>.pt and weights/l<i>.pt
+    (every lut_* folder when --bits is not given: there is one, or the run stops on it)."""
+    if args.method != "sqllm":
+        return []
+    folder = Path(args.quantized_path).expanduser()
+    luts = [f"lut_{args.bits}"] if args.bits is not None else [path.name for path in folder.glob("lut_*")]
+    return [(int(file.stem[1:]), file) for sub in [*luts, "weights"] for file in (folder / sub).glob("l*.pt")
+            if file.stem[1:].isdigit()]
+
+
+def read_ahead(args: argparse.Namespace, model_dir: Path) -> None:
+    """Warm the page cache with every input in the background, in the order the layer loop reads
+    them: the model's tensors and, for sqllm, each layer's tables beside them."""
+    start_readahead([model_dir], skip=("lm_head",) if args.method == "sqllm" else (), layer_files=table_files(args))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     child = start_thresholds_child(job) if thresholds_in_child(args.method, args.device) else None
     samples = None
     if child is None and not searches(args):
-        read_ahead(args)
+        read_ahead(args, model_dir)
         samples = run_beside(job.samples, "calibration-samples")
     try:
         return set_up(args, model_dir, job, child, samples)
@@ -254,7 +266,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     calibration_beside = not searches(args)  # else first, in the start-up
     calibration = None if child else start_calibration(build_calibration, beside=calibration_beside)
     if searches(args):
-        read_ahead(args)
+        read_ahead(args, model_dir)
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
     parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
@@ -271,7 +283,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         # on a cold cache the child's imports (thousands of small reads) starve behind the model's large
         # reads (the child then took 30 s instead of 18 on an H200); the model is read once they are done
         child.wait_ready(IMPORT_WAIT_S)
-        read_ahead(args)
+        read_ahead(args, model_dir)
     loop_started = time.time()  # after the imports, the device's start and the checks of every input
     try:
         convert_model(checkpoint, layout, outputs, one_pass.transform, device, parse_size(args.max_shard_size),

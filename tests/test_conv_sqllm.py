@@ -151,8 +151,9 @@ def test_bad_inputs(llama_pair, tmp_path):
 
 
 def test_table_reader_child_process_and_fallback(llama_pair, tmp_path):
-    """The tables come back from the child process equal to reading them here; when the child cannot
-    hand them over (say, /dev/shm too small), the reader reads them here from then on."""
+    """The tables come back from the child process equal to reading them here, the first layers asked
+    for at the start; when the child cannot hand them over (say, /dev/shm too small), the reader
+    reads them here from then on."""
     from concurrent.futures import Future
 
     from common.quant.sqllm import QuantizedFolder, TableReader
@@ -163,6 +164,7 @@ def test_table_reader_child_process_and_fallback(llama_pair, tmp_path):
     def same(a, b) -> bool:
         return all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i]) for i in (0, 1))
     with TableReader(folder, 2, workers=2) as reader:
+        assert sorted(reader._pending) == [0, 1]  # the first layers are asked for at once
         assert same(reader.read_layer(1), folder.read_layer(1))
         assert reader._pool is not None  # the child served it
 

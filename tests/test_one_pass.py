@@ -272,6 +272,30 @@ def test_thresholds_in_a_child_process(llama_pair, corpus_file, tmp_path, monkey
     assert_same_tree(load(tmp_path / "fallback" / "thresholds.pt"), load(tmp_path / "loop" / "thresholds.pt"))
 
 
+def test_the_read_ahead_streams_each_layers_tables_beside_its_tensors(llama_pair, tmp_path):
+    """sqllm: the read-ahead reads the chosen bit width's tables and the codes, each right after its
+    layer's tensors (the order the loop needs them), and nothing of another bit width."""
+    import decdec_setup
+    from common.io.readahead import readahead_order
+
+    original, _ = llama_pair
+    make_quantized_folder(original, tmp_path / "q", bit_widths=(2, 3))
+    args = decdec_setup.parse_args(["--model", str(original), "--output", str(tmp_path / "out"), "--method", "sqllm",
+                                    "--quantized_path", str(tmp_path / "q"), "--bits", "2"])
+    files = decdec_setup.table_files(args)
+    assert sorted((layer, f"{file.parent.name}/{file.name}") for layer, file in files) == [
+        (0, "lut_2/l0.pt"), (0, "weights/l0.pt"), (1, "lut_2/l1.pt"), (1, "weights/l1.pt")]
+    order = readahead_order([original], skip=("lm_head",), layer_files=files)
+    layers = [key[0] for key, *_ in order]
+    assert layers == sorted(layers) and layers[0] == -1  # outside tensors, then layer by layer
+    for layer, file in files:
+        assert [entry[2:] for entry in order if entry[1] == file] == [(0, file.stat().st_size)]  # read whole
+    for layer in (0, 1):
+        kinds = [path.suffix for key, path, *_ in order if key[0] == layer]
+        assert kinds == [".safetensors"] * (len(kinds) - 2) + [".pt"] * 2 and len(kinds) > 2  # tensors, then tables
+    assert decdec_setup.table_files(decdec_setup.parse_args(["--model", "m", "--output", "o", "--method", "rtn"])) == []
+
+
 def test_sqllm_reads_no_tensor_it_does_not_write(llama_pair, corpus_file, tmp_path, monkeypatch):
     """The sqllm folder holds no model tensors, so the LM head (1 GB of an 8B model) is never read; asked
     for the fake-quantized model too, the run reads it for that model."""

@@ -52,19 +52,41 @@ def safetensors_ranges(model_dir: Path, layers_only: bool,
     return ranges
 
 
-def start_readahead(model_dirs: list[Path], layers_only: bool = False, skip: tuple[str, ...] = (),
-                    share: float = 0.4) -> threading.Event:
-    """Read the models' tensors (interleaved across models, in use order) in a daemon thread.
+def layer_file_ranges(files: list[tuple[int, Path]]) -> list[tuple[tuple[int, str], Path, int, int]]:
+    """`safetensors_ranges`' entries for whole files that belong to a layer (layer index, file)."""
+    ranges = []
+    for layer, file in files:
+        try:
+            ranges.append(((layer, str(file)), file, 0, file.stat().st_size))
+        except OSError:
+            continue  # the real reader reports it
+    return ranges
 
-    Returns an Event; set it to stop early. Reads at most `share` of the available memory.
-    """
-    stop = threading.Event()
+
+def readahead_order(model_dirs: list[Path], layers_only: bool = False, skip: tuple[str, ...] = (),
+                    layer_files: list[tuple[int, Path]] = ()) -> list[tuple[tuple[int, str], Path, int, int]]:
+    """What `start_readahead` reads, in order: by layer (tensors outside the layers first), the
+    models interleaved; `layer_files` (layer index, file) whole, after their layer's tensors."""
     per_model = [sorted(safetensors_ranges(d, layers_only, skip)) for d in model_dirs if d.is_dir()]
     order = [r for group in zip(*per_model) for r in group] if len(per_model) > 1 else \
         (per_model[0] if per_model else [])
     if len(per_model) > 1:  # zip stops at the shortest; keep the tails too
         shortest = min(len(g) for g in per_model)
         order += [r for g in per_model for r in g[shortest:]]
+    if layer_files:  # a stable sort by layer keeps the models' interleaving within each
+        order = sorted(order + layer_file_ranges(list(layer_files)), key=lambda entry: entry[0][0])
+    return order
+
+
+def start_readahead(model_dirs: list[Path], layers_only: bool = False, skip: tuple[str, ...] = (),
+                    share: float = 0.4, layer_files: list[tuple[int, Path]] = ()) -> threading.Event:
+    """Read `readahead_order`'s tensors and files in a daemon thread. `layer_files`, e.g. a SqueezeLLM
+    folder's tables, so the disk streams every input once, in the order the layers need them.
+
+    Returns an Event; set it to stop early. Reads at most `share` of the available memory.
+    """
+    stop = threading.Event()
+    order = readahead_order(model_dirs, layers_only, skip, layer_files)
     budget = int(available_memory() * share)
 
     def run() -> None:

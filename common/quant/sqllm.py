@@ -148,10 +148,6 @@ class QuantizedFolder:
 Tables = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (LUTs, codes), module -> tensor
 
 
-def _warm_up() -> None:
-    """Run first in each child: unpickling this reference imports torch and NumPy there."""
-
-
 def reader_count() -> int:
     """Child processes reading ahead: each unpickles an 8B layer's tables in ~0.8 s and holds torch
     (~0.4 GB of host memory), so two keep up with a disk-bound H200 layer loop (~0.4 s a layer);
@@ -165,29 +161,37 @@ class TableReader:
     torch's weights-only unpickler rebuilds a pickled NumPy array through one long string, holding
     the GIL for ~0.8 s per layer of an 8B model; in a reader thread that starved the main thread's
     kernel launches (6x fewer on an H200: bench/sqllm_tables.py). The children hand their tensors
-    over in shared memory (torch.multiprocessing), at most `workers` layers at a time; where that
-    fails (a container's /dev/shm may hold only 64 MB), the layers are read in this process instead."""
+    over in shared memory (torch.multiprocessing); where that fails (a container's /dev/shm may hold
+    only 64 MB), the layers are read in this process instead.
+
+    The first layers are asked for at once, and every worker keeps a layer in hand beside the one it
+    unpickles (`ahead` = 2 x workers layers in flight): with only `workers` in flight, each layer had
+    one loop step to be ready in, so the loop ran at one worker's pace (~0.7 s a layer on an H200)."""
 
     def __init__(self, folder: QuantizedFolder, layers: int, workers: int | None = None):
         self.folder, self.layers = folder, layers
         self.workers = workers or reader_count()
+        self.ahead = 2 * self.workers
         self._pending: dict[int, Future] = {}
         self._pool: ProcessPoolExecutor | None = None
         try:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=spawn_context(),
                                              initializer=exit_with_parent, initargs=(os.getpid(),))
-            for _ in range(self.workers):  # start the children (and their imports) now, not at the first layer
-                self._pool.submit(_warm_up)
+            self._ask_from(0)  # the children start (and import) now, then read the first layers
         except (OSError, RuntimeError):  # no child processes here: read in this process
             self.close()
+
+    def _ask_from(self, index: int) -> None:
+        """Have layers index .. index + ahead - 1 read (those not asked for yet)."""
+        for ahead in range(index, min(index + self.ahead, self.layers)):
+            if ahead not in self._pending:
+                self._pending[ahead] = self._pool.submit(self.folder.read_layer, ahead)
 
     def read_layer(self, index: int) -> Tables:
         """Layer `index`'s tables; layers are asked for in order (the next ones are started now)."""
         if self._pool is not None:
             try:
-                for ahead in range(index, min(index + self.workers, self.layers)):
-                    if ahead not in self._pending:
-                        self._pending[ahead] = self._pool.submit(self.folder.read_layer, ahead)
+                self._ask_from(index)
                 return self._pending.pop(index).result()
             except InputError:
                 raise
