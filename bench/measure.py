@@ -7,7 +7,9 @@ Peak RSS is the largest sum of RSS over the command's process tree (polled every
 psutil, so worker processes count), and never less than the child's ru_maxrss; at that peak each
 process's RSS and its shared part (e.g. shared-memory tensors, counted in every process mapping
 them) are recorded. GPU memory is the device's used memory polled with nvidia-smi every 0.1 s (so it
-includes the CUDA context). Appends a JSON line to --log.
+includes the CUDA context). Also the host's memory in use (MemTotal - MemAvailable, page cache
+excluded, shared memory counted once) at its peak, less what was in use before the command, and the
+disks' reads in each second of the run (GB). Appends a JSON line to --log.
 """
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ def gpu_used_mib() -> int | None:
         return None
 
 
+def host_used_bytes() -> int:
+    """MemTotal - MemAvailable: what processes hold, shared memory once, the page cache not."""
+    fields = {}
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+def disk_read_bytes() -> int | None:
+    try:
+        import psutil
+        return psutil.disk_io_counters().read_bytes
+    except Exception:  # no psutil, or no disks it can see
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--label", required=True)
@@ -53,6 +73,10 @@ def main() -> None:
     tree_rss = [0]
     at_peak: list = []  # (process, RSS GiB, of which shared GiB) when the tree's RSS peaked
     done = threading.Event()
+    host_before = host_used_bytes()
+    host_peak = [host_before]
+    reads_by_second: list[int] = []  # cumulative disk reads at each whole second of the run
+    reads_before = disk_read_bytes()
     started = time.time()
     process = subprocess.Popen(command)
 
@@ -63,6 +87,9 @@ def main() -> None:
         except (ImportError, OSError):
             root = None
         while not done.wait(0.1):
+            host_peak[0] = max(host_peak[0], host_used_bytes())
+            if reads_before is not None and time.time() - started >= len(reads_by_second) + 1:
+                reads_by_second.append(disk_read_bytes() - reads_before)
             used = gpu_used_mib() if baseline is not None else None
             if used is not None:
                 peak[0] = max(peak[0], used)
@@ -89,6 +116,8 @@ def main() -> None:
                                         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20), 3),
               "peak_gpu_gib": round((peak[0] - (baseline or 0)) / 1024, 2) if baseline is not None else None,
               "rss_at_peak_by_process": at_peak,
+              "host_used_gib": round((host_peak[0] - host_before) / 2 ** 30, 3),
+              "disk_read_gb_each_s": [round((b - a) / 1e9, 2) for a, b in zip([0] + reads_by_second, reads_by_second)],
               "command": " ".join(command)}
     print(json.dumps(record), flush=True)
     if args.log:

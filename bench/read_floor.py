@@ -3,14 +3,16 @@
 (safetensors shards, and the .pt files of an Any-Precision / SqueezeLLM folder's subfolders).
 
     python bench/read_floor.py /tmp/bench/original /tmp/bench/sqllm3
+    BLOCK_MB=8 python bench/read_floor.py /tmp/bench/original     # in 8 MB reads (the read-ahead's)
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
-BLOCK = 64 << 20
+BLOCK = int(os.environ.get("BLOCK_MB", "64")) << 20
 
 
 def main() -> None:
@@ -24,7 +26,7 @@ def main() -> None:
             while (got := handle.readinto(view)) > 0:
                 total += got
     wall = time.time() - started
-    print(f"read {total / 1e9:.1f} GB in {wall:.1f} s ({total / 1e9 / wall:.2f} GB/s)")
+    print(f"read {total / 1e9:.1f} GB in {wall:.1f} s ({total / 1e9 / wall:.2f} GB/s) in {BLOCK >> 20} MB reads")
 
 
 if __name__ == "__main__":
