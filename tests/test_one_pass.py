@@ -288,7 +288,7 @@ def test_the_read_ahead_streams_each_layers_tables_beside_its_tensors(llama_pair
     order = readahead_order([original], skip=("lm_head",), layer_files=files)
     layers = [key[0] for key, *_ in order]
     assert layers == sorted(layers) and layers[0] == -1  # outside tensors, then layer by layer
-    for layer, file in files:
+    for _, file in files:
         assert [entry[2:] for entry in order if entry[1] == file] == [(0, file.stat().st_size)]  # read whole
     for layer in (0, 1):
         kinds = [path.suffix for key, path, *_ in order if key[0] == layer]

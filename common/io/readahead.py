@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Iterable
 
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 BLOCK = 8 << 20  # bytes per read: small enough that other processes' small reads are not starved
@@ -52,7 +53,7 @@ def safetensors_ranges(model_dir: Path, layers_only: bool,
     return ranges
 
 
-def layer_file_ranges(files: list[tuple[int, Path]]) -> list[tuple[tuple[int, str], Path, int, int]]:
+def layer_file_ranges(files: Iterable[tuple[int, Path]]) -> list[tuple[tuple[int, str], Path, int, int]]:
     """`safetensors_ranges`' entries for whole files that belong to a layer (layer index, file)."""
     ranges = []
     for layer, file in files:
@@ -64,7 +65,7 @@ def layer_file_ranges(files: list[tuple[int, Path]]) -> list[tuple[tuple[int, st
 
 
 def readahead_order(model_dirs: list[Path], layers_only: bool = False, skip: tuple[str, ...] = (),
-                    layer_files: list[tuple[int, Path]] = ()) -> list[tuple[tuple[int, str], Path, int, int]]:
+                    layer_files: Iterable[tuple[int, Path]] = ()) -> list[tuple[tuple[int, str], Path, int, int]]:
     """What `start_readahead` reads, in order: by layer (tensors outside the layers first), the
     models interleaved; `layer_files` (layer index, file) whole, after their layer's tensors."""
     per_model = [sorted(safetensors_ranges(d, layers_only, skip)) for d in model_dirs if d.is_dir()]
@@ -73,13 +74,14 @@ def readahead_order(model_dirs: list[Path], layers_only: bool = False, skip: tup
     if len(per_model) > 1:  # zip stops at the shortest; keep the tails too
         shortest = min(len(g) for g in per_model)
         order += [r for g in per_model for r in g[shortest:]]
-    if layer_files:  # a stable sort by layer keeps the models' interleaving within each
-        order = sorted(order + layer_file_ranges(list(layer_files)), key=lambda entry: entry[0][0])
+    files = layer_file_ranges(layer_files)
+    if files:  # a stable sort by layer keeps the models' interleaving within each
+        order = sorted(order + files, key=lambda entry: entry[0][0])
     return order
 
 
 def start_readahead(model_dirs: list[Path], layers_only: bool = False, skip: tuple[str, ...] = (),
-                    share: float = 0.4, layer_files: list[tuple[int, Path]] = ()) -> threading.Event:
+                    share: float = 0.4, layer_files: Iterable[tuple[int, Path]] = ()) -> threading.Event:
     """Read `readahead_order`'s tensors and files in a daemon thread. `layer_files`, e.g. a SqueezeLLM
     folder's tables, so the disk streams every input once, in the order the layers need them.
 
