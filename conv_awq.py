@@ -157,7 +157,7 @@ def convert(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path],
 
     def transform(index: int, tensors: dict[str, torch.Tensor], _) -> dict[str, dict[str, torch.Tensor]]:
         nonlocal search_seconds
-        round_to_float16(tensors, f"{checkpoint.dir}: layer {index}", layout.layers[index].stored_dtypes(checkpoint))
+        round_to_float16(tensors, f"{checkpoint.dir}: layer {index}")
         if search is not None:
             begin = time.time()
             transforms[index] = search.layer(index, tensors, bits[index], args.q_group_size, not args.no_zero_point)

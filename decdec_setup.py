@@ -289,7 +289,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         convert_model(checkpoint, layout, outputs, one_pass.transform, device, parse_size(args.max_shard_size),
                       args.overwrite, lambda items, desc, total: progress(items, args.quiet, desc, total),
                       read_extras=tables.read_layer if tables else (lambda index: None),
-                      writer_for={"folder": folder_writer}, upcast=args.method == "awq")
+                      writer_for={"folder": folder_writer})
     except InputError:
         parts.remove()  # bad input: a rerun with the same input cannot use them
         raise

@@ -38,7 +38,7 @@ def main() -> None:
 
     def layer(index: int) -> None:
         tensors = {k: v.to(device).float() for k, v in checkpoint.read_named(layout.layers[index].tensor_names()).items()}
-        round_to_float16(tensors, "bench", layout.layers[index].stored_dtypes(checkpoint))
+        round_to_float16(tensors, "bench")
         torch.cuda.synchronize()
         search.times.clear()
         search.times.lap("outside the search")

@@ -27,10 +27,6 @@ class DecoderLayer:
         """Every tensor of the layer: name inside the layer -> checkpoint tensor name."""
         return {**{f"{module}.weight": name for module, name in self.linears.items()}, **self.others}
 
-    def stored_dtypes(self, checkpoint: Checkpoint) -> dict:
-        """Name inside the layer -> the dtype the checkpoint stores it in."""
-        return {local: checkpoint.tensors[name].dtype for local, name in self.tensor_names().items()}
-
 
 @dataclass
 class LayerLayout:

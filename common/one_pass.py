@@ -170,9 +170,7 @@ class OnePass:
                 times.lap("thresholds")
         else:  # the set-up still runs beside (on a CPU): this layer's thresholds come after its other stages
             original_thresholds = dict(tensors)
-        # only AWQ folds scales, in float32 (convert_model's copies); the others keep float16 values only
-        round_to_float16(tensors, where, self.layout.layers[index].stored_dtypes(self.checkpoint),
-                         as_float32=self.method == "awq")
+        round_to_float16(tensors, where)
         times.lap("read and check")
         with sharing_the_cpu(self.device):
             results = self._quantize(index, tensors, tables, calibration, part, times)

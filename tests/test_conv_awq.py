@@ -182,3 +182,38 @@ def test_bad_inputs(llama_pair, tmp_path):
                                         "clip": []}, "finite")
     expect_refusal(tmp_path, original, {"scale": [], "clip": [], "extra": argparse.Namespace(a=1)},
                    "bad.pt", "refused")
+
+
+def test_scales_fold_in_the_forks_float16_order(mha_models, tmp_path):
+    """SPEC §7.6: the fork applies each entry in place on its float16 model, in entry order, so every
+    multiply and divide rounds to float16 and up_proj (× its norm's scales, then ÷ its own) rounds twice.
+    The scaled output equals that, restated here on transformers' float16 modules, bit for bit; one
+    float32 fold rounded once (what we did before issue 22) does not."""
+    from transformers import AutoModelForCausalLM
+    original = mha_models["qwen2"]  # v_proj's bias is divided too
+    results = awq_results(2, 64, 128, seed=3)
+    torch.save(results, tmp_path / "awq.pt")
+    result = run_script("conv_awq.py", "--model_path", original, "--awq_results", tmp_path / "awq.pt", "--w_bit", 3,
+                        "--q_group_size", 32, "--scaled_output", tmp_path / "scaled", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    fork = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float16)
+    with torch.no_grad():
+        for prev_name, names, scales in results["scale"]:
+            prev = fork.get_submodule(prev_name)
+            if isinstance(prev, torch.nn.Linear):
+                prev.weight[-scales.shape[0]:].div_(scales.view(-1, 1))
+                if prev.bias is not None:
+                    prev.bias.div_(scales.view(-1))
+            else:
+                prev.weight.div_(scales)
+            for name in names:
+                fork.get_submodule(name).weight.mul_(scales.view(1, -1))
+    ours = all_tensors(tmp_path / "scaled")
+    state = fork.state_dict()
+    assert {name for name in ours if ".layers." in name} <= set(state)
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, state[name]), name
+    up = "model.layers.0.mlp.up_proj.weight"
+    (_, _, by_norm), (_, _, by_own) = results["scale"][2], results["scale"][3]
+    once = (all_tensors(original)[up].half().float() * by_norm[None, :] / by_own[:, None]).half()
+    assert not torch.equal(once, ours[up])

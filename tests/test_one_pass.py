@@ -347,6 +347,48 @@ def test_first_layers_beside_a_slow_set_up_on_a_cpu(llama_pair, corpus_file, tmp
         assert_same_tree(load(tmp_path / "beside" / name), load(tmp_path / "undelayed" / name), name)
 
 
+def test_set_up_builds_its_model_in_the_middle_of_layer_0(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """Issue 22's race, forced. While the set-up thread builds the bfloat16 thresholds model, transformers
+    sets torch's process-wide default dtype to bfloat16; layer 0's first Linear is quantized exactly then,
+    on one thread, and the rest once the build goes on. The artifacts equal the separate commands'."""
+    import threading
+
+    import decdec_setup
+    from transformers.models.llama import modeling_llama
+    from common.quant.cheatsheet_build import LayerResults
+
+    original, _ = llama_pair
+    bf16 = [("bfloat16" if item == "float32" else item) for item in THRESHOLDS]
+    expected = separate_scripts(original, "rtn", corpus_file, tmp_path / "separate", [])
+    ok("thresholds.py", "--model_path", original, "--save_path", tmp_path / "bf16", "--dataset", corpus_file, *bf16)
+    in_window, first_done, seen = threading.Event(), threading.Event(), []
+    real_init, real_add = modeling_llama.LlamaForCausalLM.__init__, LayerResults.add_linear
+
+    def building(self, *args, **kwargs):  # called inside transformers' default-dtype window
+        in_window.set()
+        first_done.wait(120)
+        real_init(self, *args, **kwargs)
+
+    def add_linear(self, *args, **kwargs):
+        if not seen:
+            assert in_window.wait(120), "the set-up never reached the model's construction"
+        seen.append((torch.get_default_dtype(), torch.get_num_threads()))
+        real_add(self, *args, **kwargs)
+        first_done.set()
+
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "__init__", building)
+    monkeypatch.setattr(LayerResults, "add_linear", add_linear)
+    assert decdec_setup.main([str(a) for a in [
+        "--model", original, "--output", tmp_path / "one", "--method", "rtn", "--q_group_size", GROUP,
+        "--dataset", corpus_file, *bf16, "--device", "cpu", "--quiet"]]) == 0
+    assert seen[0] == (torch.bfloat16, 1), seen[:3]  # the race's conditions held
+    assert torch.get_default_dtype() == torch.float32
+    load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
+    assert_same_tree(load(tmp_path / "one" / "cheatsheet.pt"), load(expected["art"] / "cheatsheet.pt"), "cheatsheet")
+    assert_same_tree(load(tmp_path / "one" / "pytorch_model.bin"), load(expected["real"] / "pytorch_model.bin"))
+    assert_same_tree(load(tmp_path / "one" / "thresholds.pt"), load(tmp_path / "bf16" / "thresholds.pt"))
+
+
 def test_a_search_is_set_up_before_the_model_is_read(llama_pair, corpus_file, tmp_path, monkeypatch):
     """With a search, reading early gains nothing (the search sets the pace) and, on a cold cache, slows
     the set-up's imports: conv_awq.py and the one pass start reading the model once the search is set up."""

@@ -104,3 +104,33 @@ def test_decode_is_codes_times_row_scale():
     # 4-bit codes with a grid-searched scale: the error is a fraction of the residual's energy
     error = (decoded - residual.float()).norm() / residual.float().norm()
     assert error < 0.2
+
+
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float64])
+def test_stage_bytes_do_not_depend_on_torch_defaults_threads_or_chunks(default_dtype):
+    """Concurrency may move work in time, never change its arithmetic (issue 22). torch's default dtype
+    is process-wide, and transformers sets it while a set-up thread builds a model: with a bfloat16
+    default the grid search once kept its errors in bfloat16 and picked other scales. Neither that, nor
+    the thread count, nor the row chunk may change a code or a scale; nor the RTN / LUT-GEMM stage's."""
+    from common.quant.awq import LayerTransforms, Quantizer, layer_outputs
+    residual = random_residual(96, 512, seed=3)
+    weights = {"mlp.up_proj.weight": (torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) / 8).half()}
+
+    def stages(chunk: int | None) -> list[torch.Tensor]:
+        codes, scales = quantize_residual(residual, row_chunk=chunk)
+        outputs = layer_outputs(dict(weights), LayerTransforms(), ["mlp.up_proj"], Quantizer(3, 32),
+                                {"fakequant", "real"}, "test")
+        return [codes, scales, *outputs["fakequant"].values(), *outputs["real"].values()]
+
+    expected = stages(None)
+    threads, previous = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(default_dtype)
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            for chunk in (None, 1, 7, 96):
+                got = stages(chunk)
+                assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected)), (count, chunk)
+    finally:
+        torch.set_default_dtype(previous)
+        torch.set_num_threads(threads)

@@ -213,12 +213,13 @@ def sample_reference(texts: list[str], tokenize: Tokenize, seq_len: int, num_exa
                      seed: int) -> torch.Tensor:
     """[num_examples, seq_len] token ids drawn exactly as the reference scripts draw them.
 
-    Seed `random` and NumPy; draw idx = random.randint(0, len-1); skip an idx already tried;
-    skip passages shorter than seq_len; keep the first seq_len tokens. Stops with an input
-    error (saying how many passages qualify) once every passage has been tried.
+    Draw idx = randint(0, len-1) from a Mersenne Twister seeded with `seed` (the sequence the
+    reference's seeded `random` module gives); skip an idx already tried; skip passages shorter than
+    seq_len; keep the first seq_len tokens. Stops with an input error (saying how many passages
+    qualify) once every passage has been tried. The generator is private: the samples never depend
+    on what another thread draws from the process-wide one meanwhile.
     """
-    random.seed(seed)
-    np.random.seed(seed)
+    draws = random.Random(seed)
     tried: set[int] = set()
     samples: list[torch.Tensor] = []
     while len(samples) < num_examples:
@@ -226,7 +227,7 @@ def sample_reference(texts: list[str], tokenize: Tokenize, seq_len: int, num_exa
             raise InputError(f"the dataset has only {len(samples)} passages of at least {seq_len} tokens "
                              f"(of {len(texts)}), {num_examples} requested; lower --num_examples or "
                              "--seq_len, or use --sampling concat")
-        index = random.randint(0, len(texts) - 1)
+        index = draws.randint(0, len(texts) - 1)
         if index in tried:
             continue
         tried.add(index)

@@ -23,7 +23,7 @@ from common.io.model_writer import ShardedModelWriter, copy_model_files
 from common.io.outputs import atomic_dir, check_free_space
 from common.io.prefetch import prefetched
 
-# (layer index, {local tensor name: float32 tensor on the device}, extras) -> {output: {local name: tensor}}
+# (layer index, {local tensor name: tensor as stored, on the device}, extras) -> {output: {local name: tensor}}
 LayerTransform = Callable[[int, dict[str, torch.Tensor], Any], dict[str, dict[str, torch.Tensor]]]
 
 
@@ -47,8 +47,8 @@ class Writer(Protocol):
 def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str, Path],
                   transform: LayerTransform, device: torch.device, max_shard_size: int, overwrite: bool,
                   progress: Callable, read_extras: Callable[[int], Any] = lambda index: None,
-                  read_linears: bool = True, writer_for: dict[str, Callable[[Path], Writer]] | None = None,
-                  upcast: bool = True) -> None:
+                  read_linears: bool = True, writer_for: dict[str, Callable[[Path], Writer]] | None = None
+                  ) -> None:
     """Write every output directory; `transform` supplies each layer's new tensors.
 
     `read_extras(i)` loads whatever else layer i needs (e.g. LUTs and codes); it runs ahead in
@@ -56,8 +56,7 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
     weights are not read at all (the transform replaces them; their shapes are in the header).
     An output is a safetensors model directory unless `writer_for` names another writer for it
     (made in the output's temporary folder); the transform's tensors are named as in the layer.
-    With `upcast` (AWQ folds its scales in float32) the transform gets float32 copies, else the
-    tensors as stored (a layer's worth of conversion and memory less).
+    The transform gets the tensors as stored, on the device.
     """
     plan = [(name, info.shape, output_dtype(info.dtype)) for name, info in checkpoint.tensors.items()]
     pin = device.type == "cuda"
@@ -94,9 +93,8 @@ def convert_model(checkpoint: Checkpoint, layout: LayerLayout, outputs: dict[str
             # one layer read ahead: enough to keep the disk busy, and host memory stays ~3 layers
             for index, (raw, extras) in progress(prefetched(steps, read_layer, depth=1), desc="layers",
                                                  total=len(steps)):
-                tensors = {local: t.to(device, torch.float32 if upcast else t.dtype, non_blocking=True)
-                           for local, t in raw.items()}
-                del raw  # the copies on the device (float32 with `upcast`) are what the transform uses
+                tensors = {local: t.to(device, non_blocking=True) for local, t in raw.items()}
+                del raw  # the copies on the device are what the transform uses
                 results = transform(index, tensors, extras)
                 prefix = f"{layout.prefix}layers.{index}."
                 outputs = {}

@@ -193,19 +193,13 @@ def require_float16(raw: torch.Tensor, half: torch.Tensor, where: str) -> None:
         raise InputError(problem())
 
 
-def round_to_float16(tensors: dict[str, torch.Tensor], where: str, stored: dict[str, torch.dtype],
-                     as_float32: bool = True) -> None:
-    """Replace each tensor by its float16 values, as SPEC §2 uses weights: float32 tensors holding
-    them (`as_float32`, where scales are folded next), else float16 tensors; an input error names
-    a tensor that float16 cannot hold. Float32 tensors `stored` as float16 hold float16 values
-    already: they are only checked, not copied (a layer's worth of memory)."""
+def round_to_float16(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Replace each tensor by its float16 cast, as SPEC §2 uses weights (and the fork's float16 model
+    holds them); an input error names a tensor that float16 cannot hold."""
     for name, tensor in tensors.items():
         half = tensor.half()
         require_float16(tensor, half, f"{where} {name}")
-        if not as_float32:
-            tensors[name] = half
-        elif stored.get(name) != torch.float16:
-            tensors[name] = half.float()
+        tensors[name] = half
 
 
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:

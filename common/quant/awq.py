@@ -4,8 +4,9 @@ results file.
 Dtypes follow the fork, because the bytes of the outputs depend on them: the quantizer runs in
 the dtype of the weight it is given (float16 for the model's weights); a clip limit promotes
 the clipped weight to its own dtype (the fork's `clamp(fp16 weight, fp32 limit)` returns fp32,
-so a results file with float32 limits quantizes those Linears in float32). Scales are folded in
-float32 and rounded to float16 once, as the fork's in-place fp16 updates do.
+so a results file with float32 limits quantizes those Linears in float32). Scales are folded as
+the fork's `apply_scale` does on its float16 model: in place, entry by entry, each multiply and
+divide rounded to float16 (SPEC §7.6, "computed in fp16 as the fork runs").
 """
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, zero_point
 
 
 def apply_scales(tensors: dict[str, torch.Tensor], transforms: LayerTransforms) -> None:
-    """Fold each (prev_op, layers, scales) entry into the layer's float32 tensors, in place."""
+    """Fold each (prev_op, layers, scales) entry into the layer's tensors, in place and in their own
+    dtype, in entry order: the fork's `apply_scale`. On float16 tensors each `div_`/`mul_` computes in
+    float32 and rounds to float16, so `up_proj`, multiplied by its norm's scales and later divided by
+    its own, is rounded twice, as in the fork (one float32 fold rounded once differs in ~25 % of its
+    weights by an ulp)."""
     for prev, names, scales in transforms.scales:
         scales = scales.to(tensors[f"{names[0]}.weight"].device, torch.float32)
         prev_weight = tensors[f"{prev}.weight"]
@@ -207,15 +212,17 @@ class Quantizer:
 def layer_outputs(tensors: dict[str, torch.Tensor], transforms: LayerTransforms, linears: list[str],
                   quantizer: Quantizer, wanted: set[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
     """One layer of each output asked for ('scaled', 'fakequant', 'real': LUT-GEMM tensors), from
-    the layer's float16-valued weights (float32 tensors, name in the layer -> tensor; scaled in place)
-    and its AWQ entries."""
+    the layer's float16 weights (name in the layer -> tensor; scaled in place) and its AWQ entries."""
     from common.quant.lutgemm import pack
-    from common.io.model_files import require_float16
+    from common.io.model_files import all_finite
     apply_scales(tensors, transforms)
     scaled = {name: t.half() for name, t in tensors.items()}
     if transforms.scales:
-        for name, tensor in scaled.items():
-            require_float16(tensors[name], tensor, f"{where} {name} after scaling by the AWQ results")
+        finite = torch.stack([all_finite(tensor) for tensor in scaled.values()]).cpu()  # one sync
+        if not bool(finite.all()):
+            name = list(scaled)[int((~finite).nonzero()[0])]
+            raise InputError(f"{where} {name}: scaling by the AWQ results leaves values beyond the float16 "
+                             "range (±65504)")
     results: dict[str, dict[str, torch.Tensor]] = {"scaled": scaled}
     if "fakequant" in wanted:
         results["fakequant"] = dict(scaled)

@@ -82,8 +82,10 @@ def quantize_residual(residual: torch.Tensor, bits: int = 4, grid_size: int = 32
 
 def _best_candidate(rows: torch.Tensor, candidates: torch.Tensor, levels: int) -> torch.Tensor:
     """float32 [rows]: the candidate scale with the smallest reconstruction MSE per row."""
+    # every dtype explicit: torch's default dtype is process-wide, and transformers changes it while a
+    # set-up thread builds a model (a bfloat16 `err` here picked other scales for ~9 % of rows)
     work = torch.empty_like(rows)
-    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    best_err = torch.full((rows.shape[0],), float("inf"), dtype=torch.float32, device=rows.device)
     best_scale = candidates[:, 0].clone()
     err = torch.empty_like(best_err)
     for t in range(candidates.shape[1]):
