@@ -38,9 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grid_size", type=int, default=32,
                         help="scale candidates per row (default 32, the reference's; larger searches finer "
                              "but changes the bytes)")
-    parser.add_argument("--add_fused", action="store_true",
-                        help="also add self_attn.qkv_proj / mlp.gate_up_proj entries with scales reordered "
-                             "over the fused rows (what DecDEC's end-to-end loader needs for Llama-style models)")
+    fused = parser.add_mutually_exclusive_group()
+    fused.add_argument("--add_fused", dest="add_fused", action="store_true", default=True,
+                       help="add self_attn.qkv_proj / mlp.gate_up_proj entries, scales reordered over the fused "
+                            "rows, for models with separate q/k/v and gate/up: DecDEC's end-to-end loaders read "
+                            "these (default; the flag is accepted for the reference's command lines)")
+    fused.add_argument("--no_fused", dest="add_fused", action="store_false",
+                       help="leave the fused entries out (the reference's default layout; the end-to-end loaders "
+                            "then mis-read the concatenated per-module scales)")
     add_device_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)

@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     calib.add_argument("--num_examples", type=int, default=100, help="samples (default 100)")
     calib.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
     calib.add_argument("--sampling", choices=["reference", "concat"], default="reference",
-                       help="reference (whole passages, the reference scripts' draw) or concat")
-    calib.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the thresholds forward")
+                       help="reference (whole passages, the reference scripts' draw; the default) or concat")
+    calib.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the thresholds forward (default bfloat16, as thresholds.py)")
     calib.add_argument("--batch_size", type=int, default=8, help="samples per forward (default 8)")
     calib.add_argument("--no_clamp", action="store_true", help="keep threshold values above 65504")
     extra = parser.add_argument_group("optional outputs")
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra.add_argument("--no_fused", action="store_true",
                        help="leave the fused qkv_proj / gate_up_proj cheatsheet entries out (DecDEC's end-to-end "
                             "loader needs them for separate q/k/v models)")
-    extra.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard of the model outputs")
+    extra.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard of the model outputs (default 5GB)")
     extra.add_argument("--trust_remote_code", action="store_true", help="allow the model's own Python code")
     add_device_arg(parser)
     add_output_args(parser)
@@ -144,6 +144,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the report's clock: from the process's start when run as a script (the imports are part of the cost),
+    # from this call when another program (the demo) calls it after work of its own
+    started = PROCESS_STARTED if argv is None else time.time()
     check_args(args)
     from common.calib.thresholds_job import ThresholdsJob, start_thresholds_child, thresholds_in_child
     from common.io.model_dir import resolve_model_dir
@@ -158,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         read_ahead(args, model_dir)
         samples = run_beside(job.samples, "calibration-samples")
     try:
-        return set_up(args, model_dir, job, child, samples)
+        return set_up(args, model_dir, job, child, samples, started)
     finally:
         if child is not None:
             child.stop()
 
 
 def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child: ChildProcess | None,
-           samples: Future | None) -> int:
+           samples: Future | None, started: float) -> int:
     """Everything after the child's start: the device, the outputs claimed, the pass, the report."""
     from common.io.outputs import claimed_outputs
     device = pick_device(args.device)
@@ -185,7 +188,7 @@ def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child:
     inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
     with claimed_outputs(claimed, inputs, args.overwrite):
         summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()], job, child,
-                      samples)
+                      samples, started)
     written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
     report_written(written, summary)
     if args.method == "sqllm":
@@ -201,9 +204,9 @@ NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "ma
 
 
 def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], device, inputs: list[Path],
-        job: ThresholdsJob, child: ChildProcess | None, samples: Future | None) -> str:
+        job: ThresholdsJob, child: ChildProcess | None, samples: Future | None, started: float) -> str:
     """The pass itself, while this run holds the outputs; `child`, if any, computes the thresholds.
-    Returns the summary line."""
+    Returns the summary line, its times counted from `started`."""
     import torch
     from common.calib.activation_stats import LayerwiseThresholds
     from common.quant.awq import LayerTransforms, Quantizer, check_quantizable, load_bit_widths, load_results, split_by_layer
@@ -312,8 +315,9 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
                   f"{f' ({seconds_by_stage(search.set_up_times)})' if search is not None else ''}")
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
-    return (f"{layers} layers, {args.method}, on {device} in {time.time() - PROCESS_STARTED:.1f} s (start-up "
-            f"{loop_started - PROCESS_STARTED:.1f} s; {beside}; per layer: {seconds_by_stage(one_pass.times)}"
+    return (f"{layers} layers, {args.method}, on {device} in {time.time() - started:.1f} s (start-up "
+            f"{loop_started - started:.1f} s; {beside}; stage totals over the {layers} layers: "
+            f"{seconds_by_stage(one_pass.times)}"
             f"{memory})")
 
 

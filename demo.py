@@ -20,7 +20,7 @@ import torch
 
 import decdec_setup
 import evaluate
-from common.cli import pick_device, progress
+from common.cli import paths_shown_as, pick_device, progress
 from common.errors import InputError, run_main
 from common.io.model_dir import resolve_model_dir
 from common.io.outputs import atomic_dir, claimed_outputs
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="calibration/evaluation text for --model (default: Python's docstrings)")
     parser.add_argument("--k_chunks", type=int, nargs="+", default=[0, 16, 64, 128, 256],
                         help="k_chunk values to simulate (default 0 16 64 128 256)")
-    parser.add_argument("--train_steps", type=int, default=200, help="training steps of the small model")
+    parser.add_argument("--train_steps", type=int, default=200, help="training steps of the small model (default 200; --quick: at most 60)")
     parser.add_argument("--quick", action="store_true", help="smallest setting (what the tests run)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         args.train_steps = min(args.train_steps, 60)
     inputs = [("--model", model_dir), ("--dataset", dataset if dataset and dataset.exists() else None)]
     with claimed_outputs([("--output", out)], inputs, args.overwrite), atomic_dir(out, args.overwrite) as work:
-        run_pipeline(args, work, model_dir, device)  # built under a temporary name, renamed when complete
+        with paths_shown_as(work, out):  # built under a temporary name, renamed when complete
+            run_pipeline(args, work, model_dir, device)
     kind = f"your model {args.model}" if args.model else "a small model trained for a few seconds"
     print(f"\n(The table above is {kind}; DecDEC's effect grows with k_chunk. "
           f"Done in {time.time() - started:.0f} s.)")

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from common.calib.calibration import NAMED_DATASETS, load_texts
-from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written
+from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written, shown
 from common.simulate.decdec_sim import CHUNK, MAX_RUNTIME_K_CHUNK, SELECTIONS
 from common.errors import InputError, run_main
-from common.simulate.evaluation import (Config, check_artifacts, evaluation_windows, load_artifact, residual_errors,
-                               simulate)
+from common.simulate.evaluation import (Config, check_artifacts, evaluation_windows, load_artifact,
+                                       missing_fused_entries, residual_errors, simulate)
 from common.layers import check_same_layers, check_seq_len, find_layers
 from common.calib.layerwise import LayerwiseModel, load_tokenizer
 from common.quant.lutgemm import DecodedCheckpoint
@@ -57,12 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the model the cheatsheet was built against (enables residual check, KL, gap closed)")
     parser.add_argument("--check", action="store_true", help="only check the artifacts, then exit")
     parser.add_argument("--k_chunks", type=int, nargs="+", default=[0, 4, 8, 16, 32],
-                        help=f"k_chunk values to simulate (0..{CHUNK}; the kernel accepts <= {MAX_RUNTIME_K_CHUNK})")
+                        help=f"k_chunk values to simulate (0..{CHUNK}; the kernel accepts <= {MAX_RUNTIME_K_CHUNK}; "
+                             "default 0 4 8 16 32)")
     parser.add_argument("--selection", choices=SELECTIONS, default="buckets",
                         help="buckets: the runtime's 32-bucket approximation (default); exact: true top-k; "
                              "random: random channels")
     parser.add_argument("--dataset", default="wikitext2",
-                        help=f"named dataset ({', '.join(NAMED_DATASETS)}; test split for wikitext2) or local file")
+                        help=f"named dataset ({', '.join(NAMED_DATASETS)}; test split for wikitext2) or local file "
+                             "(default wikitext2)")
     parser.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
     parser.add_argument("--seq_len", type=int, default=2048, help="tokens per evaluation window (default 2048)")
     parser.add_argument("--max_chunks", type=int, default=None, help="evaluate at most this many windows")
@@ -129,9 +131,21 @@ def evaluate(args: argparse.Namespace, fq_dir: Path, original_dir: Path | None, 
     problems = check_artifacts(fq, layout, cheatsheet, thresholds)
     if problems:
         raise InputError(f"{len(problems)} problem(s) with {artifacts} for {fq_dir}:\n" + "\n".join(problems))
-    if not args.check:
+    texts = None
+    if not args.check:  # a bad dataset fails now, not after the residual check
         check_seq_len(fq, args.seq_len)
-    print(f"check: {artifacts} matches {fq_dir} ({len(layout.layers)} layers)", file=sys.stderr)
+        texts = load_texts(args.dataset, args.text_column, split="test" if args.dataset == "wikitext2" else None)
+    model = "its model" if artifacts.resolve() == fq_dir.resolve() else shown(fq_dir)
+    print(f"check: cheatsheet.pt and thresholds.pt in {shown(artifacts)} fit {model} ({len(layout.layers)} layers: "
+          "modules, shapes, dtypes, finite values)", file=sys.stderr)
+    unfused = missing_fused_entries(layout, cheatsheet)
+    if unfused:
+        print(f"warning: {shown(artifacts / 'cheatsheet.pt')}: no fused self_attn.qkv_proj / mlp.gate_up_proj entries in "
+              f"{len(unfused)} of {len(layout.layers)} layers; DecDEC's end-to-end loaders need them: rebuild it "
+              "with cheatsheet.py (fused entries are its default) or decdec_setup.py", file=sys.stderr)
+    if original_dir is None:
+        print("warning: without --original_model the cheatsheet is not checked against the residual it encodes: "
+              "artifacts built from another model of the same shapes pass", file=sys.stderr)
     check: dict = {"artifacts": str(artifacts), "quantized_model": str(fq_dir), "layers": len(layout.layers),
                    "problems": []}
     original = None
@@ -158,8 +172,6 @@ def evaluate(args: argparse.Namespace, fq_dir: Path, original_dir: Path | None, 
         return
 
     tokenizer = load_tokenizer(fq_dir, args.trust_remote_code)
-    split = "test" if args.dataset == "wikitext2" else None
-    texts = load_texts(args.dataset, args.text_column, split=split)
     token_ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
     windows = evaluation_windows(token_ids, args.seq_len, args.max_chunks)
     configs = [Config("fakequant")] + [Config(f"decdec k_chunk={k}", k, args.selection)

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sampling", choices=["reference", "concat"], default="reference",
                         help="reference: whole passages of at least seq_len tokens, drawn as the reference "
                              "scripts draw them; concat: random windows of all passages joined (for datasets "
-                             "of short passages such as wikitext2 or ptb)")
+                             "of short passages such as wikitext2 or ptb); default reference")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype the model runs in (default bfloat16)")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per forward pass (default 8)")

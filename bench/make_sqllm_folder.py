@@ -2,6 +2,10 @@
 """Write a synthetic Any-Precision/SqueezeLLM b-bit folder for a model (random codes, sorted
 per-row LUTs), saved as NumPy arrays with [out, 1, .] shapes like the quantizer writes them.
 
+For timing only: the codes are random, not a quantization of the model's weights, so the model it
+gives is noise and its cheatsheet's residuals are as large as the weights. For a real SqueezeLLM
+folder, run Any-Precision LLM's quantizer.
+
     python bench/make_sqllm_folder.py --model /tmp/bench/original --bits 3 --out /tmp/bench/sqllm3
 """
 from __future__ import annotations

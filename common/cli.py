@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 from common.errors import InputError
@@ -57,8 +59,31 @@ def seconds_by_stage(times: dict[str, float], leave_out: tuple[str, ...] = ()) -
     return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in times.items() if stage not in leave_out)
 
 
+_SHOWN_AS: dict[str, str] = {}  # temporary folder -> the path it is renamed to when complete
+
+
+@contextmanager
+def paths_shown_as(temporary: Path, final: Path) -> Iterator[None]:
+    """While a program (the demo) runs the scripts inside a folder that becomes `final` only once
+    complete, their report lines name the final paths, which outlive the run."""
+    _SHOWN_AS[str(temporary)] = str(final)
+    try:
+        yield
+    finally:
+        del _SHOWN_AS[str(temporary)]
+
+
+def shown(path) -> str:
+    """`path` as a message names it: under its final name where `paths_shown_as` says so."""
+    path = str(path)
+    for temporary, final in _SHOWN_AS.items():
+        if path == temporary or path.startswith(temporary + "/"):
+            return final + path[len(temporary):]
+    return path
+
+
 def report_written(paths: list, summary: str) -> None:
     """The lines a run ends with, --quiet or not: what it did, and where each output now is."""
     print(f"{summary}; wrote:", file=sys.stderr)
     for path in paths:
-        print(f"  {path}", file=sys.stderr)
+        print(f"  {shown(path)}", file=sys.stderr)

@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen3": {"model_type": "qwen3", "num_key_value_heads": 2},
     "gemma2": {"model_type": "gemma2", "num_key_value_heads": 2, "head_dim": 16},
     "gemma3_text": {"model_type": "gemma3_text", "num_key_value_heads": 2, "head_dim": 16},
+    "opt": {"model_type": "opt", "ffn_dim": 128, "word_embed_proj_dim": 64},  # biases, final_layer_norm
 }
 CORPUS_MODULES = ["argparse", "collections", "json", "pathlib", "re", "string", "textwrap", "random",
                   "statistics", "itertools", "functools", "inspect", "logging", "csv", "zipfile",

@@ -326,7 +326,8 @@ def test_bad_inputs(awq_models, calib_file, tmp_path, tokenizer):
     refused("--model_path", model, "--run_awq", "--calib_data", short, "--q_group_size", GROUP, *out,
             fragments=("tokens", "fewer than one block of --seqlen 512"))
     for payload, fragments in (({0: 3}, ("no bit width for layer 1",)), ({0: 3, 1: 9}, ("layer 1", "9 bits")),
-                               ({0: 3, 1: 2.5}, ("layer 1", "2.5")), ([3, 3], ("expected a dict",))):
+                               ({0: 3, 1: 2.5}, ("layer 1", "2.5")), ([3, 3], ("expected a dict",)),
+                               ({0: 3, 1: 3, 2: 4, 31: 3}, ("layer(s) 2, 31", "the model lacks", "2 layers"))):
         torch.save(payload, tmp_path / "bits.pt")
         refused(*awq, "--bit_pt", tmp_path / "bits.pt", *out, fragments=fragments)
     refused("--model_path", model, "--real_output", tmp_path / "real", "--no_zero_point", "--q_group_size", GROUP,

@@ -45,10 +45,9 @@ def test_decoded_cheatsheet_matches_reference_for_every_family(model_pair, tmp_p
     assert isinstance(sheet, list) and len(sheet) == 2
     for layer, entry in enumerate(sheet):
         modules_o, modules_q = layer_linears(orig, layer), layer_linears(fq, layer)
-        assert set(entry) == set(modules_o)
-        if family == "phi3":
-            assert {"self_attn.qkv_proj", "mlp.gate_up_proj"} <= set(entry)
-        for module, fields in entry.items():
+        # fused entries by default: DecDEC's end-to-end loaders read qkv_proj / gate_up_proj
+        assert set(entry) == set(modules_o) | {"self_attn.qkv_proj", "mlp.gate_up_proj"}
+        for module, fields in ((m, f) for m, f in entry.items() if m in modules_o):
             out_features, in_features = modules_o[module].shape
             assert fields["cheatsheet"].dtype == torch.int32 and fields["cheatsheet"].is_contiguous()
             assert fields["cheatsheet"].shape == (in_features, out_features // 8)
@@ -67,9 +66,13 @@ def test_decoded_cheatsheet_matches_reference_for_every_family(model_pair, tmp_p
 def test_side_outputs_and_fused_entries(llama_pair, tmp_path):
     original, quantized = llama_pair
     save = tmp_path / "out"
-    sheet = run_cheatsheet(original, quantized, save, "--save_extra_bit_widths", "--save_exact_residuals",
-                           "--add_fused")
+    sheet = run_cheatsheet(original, quantized, save, "--save_extra_bit_widths", "--save_exact_residuals")
     orig, fq = all_tensors(original), all_tensors(quantized)
+    plain = run_cheatsheet(original, quantized, tmp_path / "plain", "--no_fused")  # the reference's layout
+    for layer in range(2):
+        assert set(plain[layer]) == set(layer_linears(orig, layer))
+        assert all(torch.equal(plain[layer][m][f], sheet[layer][m][f]) for m in plain[layer]
+                   for f in ("cheatsheet", "reordered_scales"))
     exact = torch.load(save / "exact_residuals.pt", weights_only=True)
     two = torch.load(save / "quantized_residuals_2bit.pt", weights_only=True)
     eight = torch.load(save / "quantized_residuals_8bit.pt", weights_only=True)
@@ -233,6 +236,11 @@ def expect_refusal(original: Path, quantized: Path, save: Path, *fragments: str)
 def test_missing_and_non_model_paths(llama_pair, tmp_path):
     original, quantized = llama_pair
     expect_refusal(tmp_path / "nowhere", quantized, tmp_path / "o1", "nowhere", "no such directory")
+    # relative names that could be hub ids: never the hub client's own error (tests run with HF_HUB_OFFLINE=1)
+    expect_refusal(Path("no-such-folder/llama--fq"), quantized, tmp_path / "o1",
+                   "no-such-folder/llama--fq: no such directory, and not a Hugging Face hub id")
+    expect_refusal(Path("no-such-org/no-such-model"), quantized, tmp_path / "o1",
+                   "no-such-org/no-such-model: no such directory, and not a model in the Hugging Face cache")
     (tmp_path / "empty").mkdir()
     expect_refusal(original, tmp_path / "empty", tmp_path / "o2", "empty", "config.json")
     no_weights = tmp_path / "noweights"

@@ -245,6 +245,29 @@ def test_too_little_free_space_is_refused_before_any_work(pair, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unwritable_output_is_named_in_one_line(pair, tmp_path, capsys, monkeypatch):
+    """A read-only folder (root writes anywhere, so the refusal is simulated where the lock is made) and
+    a folder that cannot be created: the output path is named, never the run's internal lock file."""
+    original, quantized = pair
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    code, stderr = run_in_process(cheatsheet.main, ["--original_model", original, "--quantized_model", quantized,
+                                                    "--save_path", tmp_path / "ro"], capsys)
+    line = one_error_line(stderr)
+    assert code == 2 and f"--save_path {tmp_path / 'ro' / 'cheatsheet.pt'}: cannot write in" in line, line
+    assert "Read-only file system" in line and ".lock" not in line
+    assert not (tmp_path / "ro").exists()
+    monkeypatch.setattr(os, "open", real_open)
+    result = run_script("cheatsheet.py", "--original_model", original, "--quantized_model", quantized,
+                        "--save_path", "/proc/decdec-no-such/out")
+    assert_input_error(result, "--save_path /proc/decdec-no-such/out/cheatsheet.pt: cannot create the folder")
+
+
 def test_stale_temporaries_removed_and_one_run_per_output(pair, tmp_path):
     original, quantized = pair
     save = tmp_path / "out"
@@ -321,3 +344,17 @@ def test_hub_failures_say_why(tmp_path):
                         "--save_path", tmp_path / "o", env=env)
     assert_input_error(result, "cannot be reached", "HF_HUB_OFFLINE=1")
     assert time.time() - started < 60
+
+
+def test_a_named_dataset_without_network_fails_within_seconds(pair, tmp_path):
+    """No hub to reach (nothing listens on the endpoint): the datasets client would retry for ~30 s; it
+    is asked for its cache only, which fails at once, and the line says why."""
+    original, _ = pair
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    started = time.time()
+    result = run_script("thresholds.py", "--model_path", original, "--save_path", tmp_path / "t", "--dataset", "c4",
+                        env=env)
+    assert_input_error(result, "--dataset c4", "the Hugging Face hub cannot be reached", "pass a local file")
+    assert time.time() - started < 20
+    assert not (tmp_path / "t").exists()

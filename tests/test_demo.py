@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tests.helpers import assert_input_error, run_script
 
@@ -14,6 +15,15 @@ def test_demo_runs_offline_and_decdec_helps(tmp_path):
                  "original/config.json", "results.json", "perplexity.png"):
         assert (out / path).is_file(), path
     assert "fake-quantized" in result.stdout and "python decdec_setup.py" in result.stdout
+    # the steps' report lines name the final paths (the run's temporary folder is gone), and the one pass
+    # reports its own time, not the demo's training before it
+    assert f"  {out / 'decdec'}\n" in result.stderr and ".tmp" not in result.stderr, result.stderr
+    one_pass = re.search(r"layers, rtn, on cpu in ([\d.]+) s \(start-up ([\d.]+) s", result.stderr)
+    step = re.search(r"\(3-bit round-to-nearest [^:]*: ([\d.]+) s\)", result.stderr)
+    train = re.search(r"\(build and train [^:]*: ([\d.]+) s\)", result.stderr)
+    assert float(one_pass.group(2)) < float(one_pass.group(1)) <= float(step.group(1)) + 0.1, result.stderr
+    assert float(train.group(1)) > 0
+    assert "stage totals over the 4 layers:" in result.stderr
     check = run_script("evaluate.py", "--quantized_model", out / "decdec", "--original_model", out / "original",
                        "--check")
     assert check.returncode == 0, check.stderr[-2000:]

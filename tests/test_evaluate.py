@@ -133,7 +133,17 @@ def corrupt(folder: Path, target: Path, change) -> Path:
 def test_check_catches_corrupted_artifacts(artifacts, tmp_path):
     original, quantized, folder, _ = artifacts
     result = run_evaluate(quantized, folder, "--check", "--original_model", original)
-    assert result.returncode == 0 and "matches" in result.stderr and "relative error" in result.stderr
+    assert result.returncode == 0 and f"fit {quantized} (2 layers" in result.stderr, result.stderr
+    assert "relative error" in result.stderr and "warning" not in result.stderr
+
+    def unfused(sheet, thresholds):  # what the reference's cheatsheet.py writes without --add_fused
+        return [{m: e for m, e in layer.items() if m not in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+                for layer in sheet], thresholds
+    result = run_evaluate(quantized, corrupt(folder, tmp_path / "unfused", unfused), "--check")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "no fused self_attn.qkv_proj / mlp.gate_up_proj entries in 2 of 2" in warnings[0]
+    assert "without --original_model the cheatsheet is not checked" in warnings[1]
 
     def break_three(sheet, thresholds):
         sheet[0]["mlp.up_proj"]["cheatsheet"] = sheet[0]["mlp.up_proj"]["cheatsheet"][:, :-1].contiguous()
@@ -167,6 +177,11 @@ def test_bad_inputs(artifacts, phi3_pair, tmp_path):
     short.write_text("just a few words")
     assert_input_error(run_evaluate(quantized, folder, "--dataset", short, "--seq_len", 512),
                        "fewer than one window")
+    empty_text = tmp_path / "empty.txt"
+    empty_text.write_text("")
+    result = run_evaluate(quantized, folder, "--original_model", original, "--dataset", empty_text, "--seq_len", 64)
+    assert_input_error(result, str(empty_text))
+    assert "residual:" not in result.stderr  # the dataset is checked before the slow residual check
 
 
 def test_outputs_follow_the_rules_of_every_script(artifacts, tmp_path):
@@ -207,3 +222,58 @@ def test_gap_closed_is_not_applicable_when_quantization_did_not_hurt(artifacts, 
     assert "n/a" in capsys.readouterr().out
     scores["fakequant"]["ppl"] = 12.0
     assert build_report(scores, [], args, torch.zeros(3, 8))["decdec"][1]["gap_closed"] == pytest.approx(1.025)
+
+
+def test_every_layout_the_one_pass_accepts_simulates(tokenizer, corpus, tmp_path):
+    """OPT (biases everywhere, `model.decoder.layers`, a final norm named final_layer_norm): decdec_setup.py
+    writes its folder, and evaluate.py simulates it, where it once stopped at "cannot find the final norm".
+    The full correction brings the fake-quantized model back to the original's predictions."""
+    from common.tiny_models import build_model
+    original = tmp_path / "opt"
+    build_model("opt", original, tokenizer)
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(corpus))
+    one_pass = run_script("decdec_setup.py", "--model", original, "--output", tmp_path / "folder", "--method", "rtn",
+                          "--q_group_size", 32, "--dataset", data, "--seq_len", 64, "--num_examples", 8,
+                          "--sampling", "concat", "--device", DEVICE, "--quiet")
+    assert one_pass.returncode == 0, one_pass.stderr[-2000:]
+    result = run_evaluate(tmp_path / "folder", tmp_path / "folder", "--original_model", original, "--dataset", data,
+                          "--seq_len", 64, "--max_chunks", 4, "--k_chunks", 0, 1024, "--selection", "exact",
+                          "--output", tmp_path / "report.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["decdec"][-1]["kl"] < 0.05 * report["fakequant"]["kl"], report
+
+
+def peak_rss_mib(script: str, *args) -> tuple[int, float]:
+    """(exit status, peak RSS in MiB) of one script run in its own process."""
+    import os
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    child = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, usage.ru_maxrss / 1024
+
+
+def test_a_one_pass_folder_is_checked_in_a_layers_memory(tokenizer, corpus, tmp_path):
+    """evaluate.py given decdec_setup.py's folder decodes its LUT-GEMM weights a Linear at a time, a few
+    input words per step, from fresh buffers (no page of pytorch_model.bin stays mapped): its peak memory
+    is within 1.2x of the same check given the fake-quantized model (it was ~1.5x here when a whole
+    Linear's bit planes were expanded at once)."""
+    from common.tiny_models import build_model
+    original = tmp_path / "original"
+    build_model("llama", original, tokenizer, hidden_size=1024, intermediate_size=4096, num_heads=8)
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(corpus))
+    one_pass = run_script("decdec_setup.py", "--model", original, "--output", tmp_path / "folder", "--method", "rtn",
+                          "--q_group_size", 128, "--dataset", data, "--seq_len", 64, "--num_examples", 4,
+                          "--sampling", "concat", "--fakequant_output", tmp_path / "fq", "--device", "cpu", "--quiet")
+    assert one_pass.returncode == 0, one_pass.stderr[-2000:]
+    check = ["--original_model", original, "--artifacts", tmp_path / "folder", "--check", "--device", "cpu"]
+    code_fq, fq = peak_rss_mib("evaluate.py", "--quantized_model", tmp_path / "fq", *check)
+    code_folder, folder = peak_rss_mib("evaluate.py", "--quantized_model", tmp_path / "folder", *check)
+    assert code_fq == 0 and code_folder == 0
+    assert folder <= 1.2 * fq, (folder, fq)

@@ -62,13 +62,16 @@ def _load_named(dataset: str, text_column: str | None, split: str | None, flag: 
     except ImportError:
         raise InputError(f"{flag} {dataset}: needs the 'datasets' package (pip install datasets), "
                          "or pass a local file (.txt, .jsonl, .parquet, ...)") from None
+    reachable = not datasets.config.HF_HUB_OFFLINE and _hub_reachable()
     try:
-        data = datasets.load_dataset(**spec, split=split)
+        with _cache_only(datasets, not reachable):
+            data = datasets.load_dataset(**spec, split=split)
     except Exception as error:  # network, cache and script errors all mean: not available here
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         hint = ("script-based datasets no longer load with recent 'datasets' versions; "
                 if dataset == "ptb" else "")
-        raise InputError(f"{flag} {dataset}: cannot load {spec['path']} ({reason}); {hint}"
+        where = "" if reachable else "the Hugging Face hub cannot be reached and it is not in the datasets cache; "
+        raise InputError(f"{flag} {dataset}: cannot load {spec['path']} ({reason}); {where}{hint}"
                          "without network, download it once elsewhere and pass a local file, "
                          f"e.g. {flag} ./{dataset}-sample.jsonl") from None
     if field not in data.column_names:
@@ -77,6 +80,35 @@ def _load_named(dataset: str, text_column: str | None, split: str | None, flag: 
     if dataset == "ptb":
         texts = [t.replace("<unk>", "< u n k >") for t in texts]
     return texts
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a connection within `timeout` s. Without network the
+    datasets client retries for ~30 s before failing; checked first, a cached dataset still loads and
+    a missing one fails at once."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _cache_only(datasets, offline: bool) -> Iterator[None]:
+    """The datasets and hub clients in offline mode (their cache only) while the block runs, if `offline`."""
+    from huggingface_hub import constants
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _load_local(path: Path, column: str) -> list[str]:

@@ -38,11 +38,13 @@ def resolve_model_dir(name: str, flag: str) -> Path:
         raise InputError(f"{flag} {name}: no such directory (and huggingface_hub is not installed)") from None
     try:
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
+    except Exception as error:
+        if type(error).__name__ == "HFValidationError":  # e.g. "out/llama--fq": a path, not a hub id
+            raise InputError(f"{flag} {name}: no such directory, and not a Hugging Face hub id") from None
         if hub_offline():
-            raise InputError(f"{flag} {name}: not a local directory and not in the Hugging Face cache, and "
-                             "HF_HUB_OFFLINE is set; download it once where there is network, or pass a "
-                             "local directory") from None
+            raise InputError(f"{flag} {name}: no such directory, and not a model in the Hugging Face cache "
+                             "(HF_HUB_OFFLINE is set, so the hub is not asked); download it once where there "
+                             "is network, or pass a local directory") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
     try:
         return Path(snapshot_download(name, allow_patterns=patterns, etag_timeout=5))
@@ -57,11 +59,12 @@ def _hub_failure(error: Exception) -> str:
         return ("a gated model: accept its license on its hub page and log in (hf auth login), "
                 "or pass a local directory")
     if kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
-        return "not found on the Hugging Face hub (a typo, or a private model: log in with hf auth login)"
+        return ("no such directory, and not a model in the Hugging Face cache or on the hub (a typo, or a "
+                "private model: log in with hf auth login)")
     if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "connect" in str(error).lower() \
             or kind in ("ConnectError", "ConnectionError", "ConnectTimeout", "TimeoutException"):
-        return ("not in the local Hugging Face cache and the hub cannot be reached (no network?); "
-                "pass a local directory, or set HF_HUB_OFFLINE=1 to skip the hub lookup")
+        return ("no such directory, and not a model in the Hugging Face cache; the hub cannot be reached "
+                "(no network?): pass a local directory, or set HF_HUB_OFFLINE=1 to skip the hub lookup")
     reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else kind
-    return (f"not a local directory, and the Hugging Face hub download failed ({kind}: {reason}); "
+    return (f"no such directory, and the Hugging Face hub download failed ({kind}: {reason}); "
             "pass a local directory, or set HF_HUB_OFFLINE=1 to use the cache only")

@@ -93,9 +93,13 @@ class Checkpoint:
                     self.tensors[name] = info
         else:
             for file in files:
-                for name, tensor in self._load_bin(file).items():
+                state = self._load_bin(file)
+                offsets = bin_offsets(file, state)
+                for name, tensor in state.items():
                     self.tensors[name] = TensorInfo(name, file, tensor.dtype, tuple(tensor.shape),
-                                                    -1, tensor.numel() * tensor.element_size())
+                                                    offsets.get(name, -1), tensor.numel() * tensor.element_size())
+                if len(offsets) == len(state):  # every tensor is read with pread: unmap the file
+                    del self._bin_shards[file]
         if not self.tensors:
             raise InputError(f"{model_dir}: the checkpoint holds no tensors")
 
@@ -117,7 +121,11 @@ class Checkpoint:
 
     def read_raw(self, name: str, pin: bool = False) -> torch.Tensor:
         """The tensor in its stored dtype, in a fresh CPU buffer (pinned if asked)."""
-        info = self.tensors[name]
+        return self.read_info(self.tensors[name], pin)
+
+    def read_info(self, info: TensorInfo, pin: bool = False) -> torch.Tensor:
+        """`read_raw` of the tensor `info` describes."""
+        name = info.name
         if info.offset < 0:
             source = self._load_bin(info.file)[name]
             return torch.empty(info.shape, dtype=info.dtype, pin_memory=pin).copy_(source)
@@ -151,6 +159,25 @@ class Checkpoint:
 
 READ_CHUNK = 8 << 20  # bytes per preadv, so a concurrent process's small reads (its imports) need not queue
 #                       behind a whole 117 MB weight (on the H200 no measurable change either way)
+
+
+def bin_offsets(file: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Where each contiguous tensor of a torch.save'd state dict, loaded with mmap=True, lies in `file`:
+    read from there with pread, like a safetensors tensor, into a fresh buffer, no page of the file stays
+    mapped (and counted in the process's memory) once a layer is done. Empty where the layout is not
+    the one expected (the mmap'd tensors then serve)."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(file))
+        records = sorted(reader.get_record_offset(r) for r in reader.get_all_records() if r.startswith("data/"))
+    except Exception:  # noqa: BLE001 - a private API: any surprise means "use the mmap'd tensors"
+        return {}
+    storages = sorted({t.untyped_storage().data_ptr() for t in state.values() if t.numel()})
+    if not storages or len(storages) != len(records):
+        return {}
+    base = storages[0] - records[0]
+    if [pointer - base for pointer in storages] != records:
+        return {}
+    return {name: t.data_ptr() - base for name, t in state.items() if t.numel() and t.is_contiguous()}
 
 
 def read_tensor(info: TensorInfo, fd: int, pin: bool = False) -> torch.Tensor:

@@ -105,10 +105,18 @@ def output_lock(path: Path, label: str = "") -> Iterator[None]:
     runs on this output left behind: while we hold the lock, no other run of ours writes there.
     Folders made to hold the lock are removed again if the run fails."""
     path = absolute(path)
-    created = _make_parents(path.parent)
+    where = f"{label} {path}" if label else str(path)
+    try:
+        created = _make_parents(path.parent)
+    except OSError as error:  # e.g. under a read-only mount: name the output, not the folder's internals
+        raise InputError(f"{where}: cannot create the folder {error.filename or path.parent} "
+                         f"({error.strerror or error})") from None
     lock = _lock_name(path)
     try:
-        fd = _acquire(lock, f"{label} {path}" if label else str(path))
+        fd = _acquire(lock, where)
+    except OSError as error:  # the lock is ours, an internal name: say where the output cannot go
+        _remove_empty(created)
+        raise InputError(f"{where}: cannot write in {path.parent} ({error.strerror or error})") from None
     except BaseException:
         _remove_empty(created)
         raise

@@ -119,6 +119,10 @@ def load_bit_widths(path: Path, layers: int) -> list[int]:
         raise InputError(f"--bit_pt {path}: refused to load ({type(error).__name__})") from None
     if not isinstance(data, dict):
         raise InputError(f"--bit_pt {path}: expected a dict {{layer_index: bits}}")
+    extra = sorted(str(key) for key in data if str(key) not in {str(index) for index in range(layers)})
+    if extra:
+        raise InputError(f"--bit_pt {path}: bit widths for layer(s) {', '.join(extra[:5])}, which the model "
+                         f"lacks (it has {layers} layers, 0 to {layers - 1}): is it another model's file?")
     widths = []
     for index in range(layers):
         value = data.get(index, data.get(str(index)))

@@ -42,7 +42,7 @@ class CheatsheetOptions:
     grid_size: int = 32
     extra_bit_widths: bool = False
     exact_residuals: bool = False
-    add_fused: bool = False
+    add_fused: bool = True  # qkv_proj / gate_up_proj entries: what DecDEC's end-to-end loaders read
 
     def outputs(self) -> list[str]:
         kinds = ["cheatsheet"]

@@ -65,17 +65,26 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
     return {"binary": binary, "alpha": alpha.permute(1, 2, 0).contiguous(), "q_bias": q_bias.t().contiguous()}
 
 
-def decode(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [out, in] a LUT-GEMM triple stands for (the runtime's arithmetic)."""
+def decode(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor, dtype: torch.dtype = torch.float32,
+           chunk_bytes: int = 1 << 20) -> torch.Tensor:
+    """The weight [out, in] a LUT-GEMM triple stands for (the runtime's arithmetic, in float32), cast
+    to `dtype`. A few input words at a time: each step's temporaries stay near `chunk_bytes` (a whole
+    8B down_proj at once took ~3 GB of them), and each element's arithmetic does not depend on the chunk."""
     words, bits, out_features = binary.shape
     in_features = words * WORD_BITS
-    groups = alpha.shape[0]
+    group_size = in_features // alpha.shape[0]
     shifts = torch.arange(WORD_BITS, device=binary.device, dtype=torch.int32)
-    code_bits = (binary[:, None] >> shifts[None, :, None, None]) & 1  # [in/32, 32, b, out]
-    signs = (2 * code_bits - 1).reshape(in_features, bits, out_features).float()
-    group_of = torch.arange(in_features, device=binary.device) // (in_features // groups)
-    weight = (alpha[group_of] * signs).sum(dim=1) + q_bias[group_of]  # [in, out]
-    return weight.t().contiguous()
+    weight = torch.empty((out_features, in_features), dtype=dtype, device=binary.device)
+    step = max(1, chunk_bytes // (WORD_BITS * bits * out_features * 4))
+    for begin in range(0, words, step):
+        part = binary[begin: begin + step]
+        code_bits = (part[:, None] >> shifts[None, :, None, None]) & 1  # [words, 32, b, out]
+        signs = (2 * code_bits - 1).reshape(-1, bits, out_features).float()
+        channels = torch.arange(begin * WORD_BITS, begin * WORD_BITS + signs.shape[0], device=binary.device)
+        group_of = channels // group_size
+        values = (alpha[group_of] * signs).sum(dim=1) + q_bias[group_of]  # [channels, out]
+        weight[:, channels[0]: channels[-1] + 1] = values.t()
+    return weight
 
 
 class CheckpointWriter:
@@ -140,23 +149,23 @@ class DecodedCheckpoint(Checkpoint):
 
     def __init__(self, model_dir: Path, flag: str = "model"):
         super().__init__(model_dir, flag)
-        self._packed: dict[str, str] = {}
+        self._packed: dict[str, dict[str, TensorInfo]] = {}  # weight name -> its binary / alpha / q_bias
         for base in [name[: -len(".binary")] for name in self.tensors if name.endswith(".binary")]:
-            binary = self.tensors.pop(f"{base}.binary")
+            parts = {"binary": self.tensors.pop(f"{base}.binary")}
             for key in ("alpha", "q_bias"):
                 if f"{base}.{key}" not in self.tensors:
-                    raise InputError(f"{binary.file}: {base}.binary has no {base}.{key}")
-                self.tensors.pop(f"{base}.{key}")
-            words, _, out_features = binary.shape
+                    raise InputError(f"{parts['binary'].file}: {base}.binary has no {base}.{key}")
+                parts[key] = self.tensors.pop(f"{base}.{key}")
+            words, _, out_features = parts["binary"].shape
             shape = (out_features, words * WORD_BITS)
-            self.tensors[f"{base}.weight"] = TensorInfo(f"{base}.weight", binary.file, torch.float16, shape, -1,
-                                                        2 * out_features * words * WORD_BITS)
-            self._packed[f"{base}.weight"] = base
+            self.tensors[f"{base}.weight"] = TensorInfo(f"{base}.weight", parts["binary"].file, torch.float16, shape,
+                                                        -1, 2 * out_features * words * WORD_BITS)
+            self._packed[f"{base}.weight"] = parts
 
     def read_raw(self, name: str, pin: bool = False) -> torch.Tensor:
-        base = self._packed.get(name)
-        if base is None:
+        parts = self._packed.get(name)
+        if parts is None:
             return super().read_raw(name, pin)
-        stored = self._load_bin(self.tensors[name].file)
-        weight = decode(stored[f"{base}.binary"], stored[f"{base}.alpha"], stored[f"{base}.q_bias"]).half()
+        stored = {key: self.read_info(info) for key, info in parts.items()}  # only this Linear's bytes
+        weight = decode(stored["binary"], stored["alpha"], stored["q_bias"], torch.float16)
         return weight.pin_memory() if pin else weight

@@ -45,6 +45,14 @@ def _is_fused(module: str, linears: dict) -> bool:
     return leaf in FUSED_MODULES and all(prefix + m in linears for m in FUSED_MODULES[leaf])
 
 
+def missing_fused_entries(layout: LayerLayout, cheatsheet: list) -> list[int]:
+    """Layers whose separate q/k/v or gate/up Linears have no fused cheatsheet entry: DecDEC's end-to-end
+    loaders look those up (a cheatsheet built with `--no_fused`, or by the reference without `--add_fused`)."""
+    from common.quant.cheatsheet_build import fused_groups
+    return [layer.index for layer, sheet in zip(layout.layers, cheatsheet) if isinstance(sheet, dict)
+            and any(fused not in sheet for fused in fused_groups(sorted(layer.linears)))]
+
+
 def check_artifacts(checkpoint: Checkpoint, layout: LayerLayout, cheatsheet: list, thresholds: list,
                     cheatsheet_name: str = "cheatsheet.pt", thresholds_name: str = "thresholds.pt") -> list[str]:
     """Every way the artifacts fail to match the model (SPEC §3/§4), one line each."""
@@ -246,15 +254,22 @@ def _score(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, batc
 
 
 def _head(model: LayerwiseModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What follows the last decoder layer: the final norm (OPT's `final_layer_norm`, absent where its
+    norm comes after each layer, then its `project_out` where it has one), the LM head, a softcap."""
     decoder = model.model.get_decoder() if hasattr(model.model, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if norm is None:
+    if getattr(decoder, "norm", None) is not None:
+        final = [decoder.norm]
+    elif hasattr(decoder, "final_layer_norm"):
+        final = [m for m in (decoder.final_layer_norm, getattr(decoder, "project_out", None)) if m is not None]
+    else:
         raise InputError(f"{model.checkpoint.dir}: cannot find the final norm of this architecture")
     head = model.load_head()
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = head(norm(hidden)).float()
+        for module in final:
+            hidden = module(hidden)
+        out = head(hidden).float()
         return torch.tanh(out / softcap) * softcap if softcap else out
     return logits
 
