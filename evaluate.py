@@ -124,7 +124,7 @@ def evaluate(args: argparse.Namespace, fq_dir: Path, original_dir: Path | None, 
     if args.quantized_path:
         fq = LutCheckpoint(fq_dir, QuantizedFolder.open(Path(args.quantized_path), args.bits))
     else:
-        fq = DecodedCheckpoint(fq_dir, "--quantized_model")
+        fq = DecodedCheckpoint(fq_dir, "--quantized_model", device)
     layout = find_layers(fq)
     cheatsheet = load_artifact(artifacts / "cheatsheet.pt")
     thresholds = load_artifact(artifacts / "thresholds.pt")

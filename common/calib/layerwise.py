@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -248,6 +248,28 @@ class LayerwiseModel:
 
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+def output_logits(model: LayerwiseModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Hidden states after the last decoder layer -> float32 logits, as the model computes them (in its
+    dtype, then upcast): the final norm (OPT's `final_layer_norm`, absent where its norm comes after each
+    layer, then its `project_out` where it has one), the LM head, a softcap."""
+    decoder = model.model.get_decoder() if hasattr(model.model, "get_decoder") else None
+    if getattr(decoder, "norm", None) is not None:
+        final = [decoder.norm]
+    elif hasattr(decoder, "final_layer_norm"):
+        final = [m for m in (decoder.final_layer_norm, getattr(decoder, "project_out", None)) if m is not None]
+    else:
+        raise InputError(f"{model.checkpoint.dir}: cannot find the final norm of this architecture")
+    head = model.load_head()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        for module in final:
+            hidden = module(hidden)
+        out = head(hidden).float()
+        return torch.tanh(out / softcap) * softcap if softcap else out
+    return logits
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

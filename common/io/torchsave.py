@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.serialization
 
+from common.errors import InputError
 from common.io.outputs import atomic_file, opened_for_writing
 
 STORAGE_TYPES = {
@@ -231,3 +232,16 @@ class StateDictWriter:
     def close(self) -> None:
         if self._writer.thread.is_alive():
             self._writer.abort()
+
+
+def load_user_file(path: Path, flag: str):
+    """A torch.save'd file a user passes with `flag`, loaded without executing arbitrary pickles
+    (weights_only); a missing or refused file is an input error naming the flag and the file."""
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()
+        hint = next((line for line in reason if "GLOBAL" in line or "global" in line), reason[0] if reason else "")
+        raise InputError(f"{flag} {path}: refused to load ({type(error).__name__}: {hint[:160]})") from None

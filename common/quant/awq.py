@@ -18,6 +18,7 @@ import torch
 from common.errors import InputError
 from common.layers import LayerLayout
 from common.io.model_files import Checkpoint
+from common.io.torchsave import load_user_file
 
 
 @dataclass
@@ -96,14 +97,7 @@ def clip_weight(weight: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 
 def load_results(path: Path) -> dict:
     """llm-awq's --dump_awq file, loaded without executing arbitrary pickles."""
-    if not path.is_file():
-        raise InputError(f"--awq_results {path}: no such file")
-    try:
-        results = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()
-        hint = next((line for line in reason if "GLOBAL" in line or "global" in line), reason[0] if reason else "")
-        raise InputError(f"--awq_results {path}: refused to load ({type(error).__name__}: {hint[:160]})") from None
+    results = load_user_file(path, "--awq_results")
     if not isinstance(results, dict) or not {"scale", "clip"} <= set(results):
         raise InputError(f"--awq_results {path}: expected a dict with 'scale' and 'clip' lists")
     return results
@@ -111,12 +105,7 @@ def load_results(path: Path) -> dict:
 
 def load_bit_widths(path: Path, layers: int) -> list[int]:
     """The fork's per-layer bits file ({layer_index: bits}, torch.save'd), checked for every layer."""
-    if not path.is_file():
-        raise InputError(f"--bit_pt {path}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(f"--bit_pt {path}: refused to load ({type(error).__name__})") from None
+    data = load_user_file(path, "--bit_pt")
     if not isinstance(data, dict):
         raise InputError(f"--bit_pt {path}: expected a dict {{layer_index: bits}}")
     extra = sorted(str(key) for key in data if str(key) not in {str(index) for index in range(layers)})

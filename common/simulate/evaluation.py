@@ -21,7 +21,7 @@ from common.quant.cheatsheet_build import FUSED_MODULES
 from common.simulate.decdec_sim import SimulatedLinear
 from common.errors import InputError
 from common.layers import LayerLayout
-from common.calib.layerwise import LayerInputs, LayerwiseModel
+from common.calib.layerwise import LayerInputs, LayerwiseModel, output_logits
 from common.io.model_files import Checkpoint
 from common.io.prefetch import prefetched
 from common.quant.residual import decode_cheatsheet
@@ -225,9 +225,9 @@ def _unwrap_linears(layer: nn.Module, wrapped: dict[str, SimulatedLinear]) -> No
 @torch.no_grad()
 def _score(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, batches: list[torch.Tensor],
            states: dict[str, list[LayerInputs]], configs: list[Config]) -> dict[str, dict[str, float]]:
-    heads = {"fq": _head(fq_model)}
+    heads = {"fq": output_logits(fq_model)}
     if original_model is not None:
-        heads["original"] = _head(original_model)
+        heads["original"] = output_logits(original_model)
     names = [c.name for c in configs] + (["original"] if original_model is not None else [])
     nll = {name: 0.0 for name in names}
     kl = {name: 0.0 for name in names}
@@ -251,27 +251,6 @@ def _score(fq_model: LayerwiseModel, original_model: LayerwiseModel | None, batc
         if original_model is not None and name != "original":
             results[name]["kl"] = kl[name] / count
     return results
-
-
-def _head(model: LayerwiseModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What follows the last decoder layer: the final norm (OPT's `final_layer_norm`, absent where its
-    norm comes after each layer, then its `project_out` where it has one), the LM head, a softcap."""
-    decoder = model.model.get_decoder() if hasattr(model.model, "get_decoder") else None
-    if getattr(decoder, "norm", None) is not None:
-        final = [decoder.norm]
-    elif hasattr(decoder, "final_layer_norm"):
-        final = [m for m in (decoder.final_layer_norm, getattr(decoder, "project_out", None)) if m is not None]
-    else:
-        raise InputError(f"{model.checkpoint.dir}: cannot find the final norm of this architecture")
-    head = model.load_head()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        for module in final:
-            hidden = module(hidden)
-        out = head(hidden).float()
-        return torch.tanh(out / softcap) * softcap if softcap else out
-    return logits
 
 
 def _log_probs(head: Callable, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""SqueezeLLM's sensitivity (SPEC §9.1): F[W] = Σ_s (∂L_s/∂W)² for every decoder Linear, a layer at a time.
+
+Any-Precision LLM puts the whole bfloat16 model on the GPU and back-propagates each sample through it.
+Here the layers go forward once over all samples, keeping each layer's input (the stash), the loss of
+each sample is taken at the top, and the gradient then goes down one layer at a time: the layer's
+forward is recomputed with gradients on its input, the gradient from above is back-propagated, and
+each Linear's per-sample weight gradient Gₛᵀ·Xₛ is formed from the input Xₛ and output gradient Gₛ that
+hooks capture (a batch of samples goes back together; only the weight gradients must be per sample,
+and those come from the hooks, not from autograd's batch sum). The device holds one layer and one
+batch's activations.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.calib.layerwise import LayerInputs, LayerwiseModel, output_logits
+
+
+def causal_lm_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean next-token cross entropy (transformers' loss with labels = input_ids)."""
+    vocab = logits.shape[-1]
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1).to(logits.device),
+                                reduction="none")
+    return per_token.view(ids.shape[0], -1).mean(dim=1)
+
+
+class _LinearTaps:
+    """Forward hooks on a layer's Linears that keep each one's input and, during backward, its output's
+    gradient; `square_into` then adds every sample's squared weight gradient to the sums."""
+
+    def __init__(self, layer: nn.Module, modules: list[str]):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles = [layer.get_submodule(name).register_forward_hook(self._tap(name)) for name in modules]
+
+    def _tap(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.inputs[name] = args[0].detach()
+            output.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
+        return hook
+
+    def square_into(self, sums: dict[str, torch.Tensor]) -> None:
+        for name, x in self.inputs.items():
+            grad = self.grads[name]
+            for sample in range(x.shape[0]):  # Gₛᵀ·Xₛ in the model's dtype, as autograd forms it
+                weight_grad = grad[sample].reshape(-1, grad.shape[-1]).t() @ x[sample].reshape(-1, x.shape[-1])
+                sums[name].addcmul_(weight_grad.float(), weight_grad.float())
+        self.inputs.clear()
+        self.grads.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_size: int,
+                          progress: Callable = lambda items, **_: items
+                          ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer index, module -> F float32 [out, in] on the CPU), from the last layer down to the first.
+
+    `model` runs in the sensitivity's dtype (bfloat16 in SPEC §9.1); `samples` [N, T] token ids."""
+    batches = list(samples.split(batch_size))
+    inputs = model.capture_inputs(batches)
+    stash: list[list[LayerInputs]] = []
+    for index in progress(range(len(model.layers)), desc="sensitivity: forward"):
+        layer = model.load_layer(index)
+        model.prefetch(index + 1)
+        stash.append([item.with_hidden(item.hidden.to("cpu")) for item in inputs])
+        inputs = model.run_layer(index, layer, inputs)
+        model.unload_layer(index)
+    logits = output_logits(model)
+    grads = []
+    for item, ids in zip(inputs, batches):
+        hidden = item.hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            causal_lm_losses(logits(hidden), ids).sum().backward()  # samples are independent: each its own
+        grads.append(hidden.grad)
+    model.release_outside_layers()
+    del inputs, logits
+    for index in progress(range(len(model.layers) - 1, -1, -1), desc="sensitivity: backward"):
+        layer = model.load_layer(index)
+        if index > 0:
+            model.prefetch(index - 1)
+        modules = sorted(model.layout.layers[index].linears)
+        sums = {name: torch.zeros(layer.get_submodule(name).weight.shape, dtype=torch.float32, device=model.device)
+                for name in modules}
+        taps = _LinearTaps(layer, modules)
+        try:
+            for position, item in enumerate(stash[index]):
+                args, kwargs = item.per_layer[index]
+                hidden = item.hidden.to(model.device).requires_grad_(True)
+                with torch.enable_grad():
+                    out = layer(hidden, *args, **kwargs)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    out.backward(grads[position])
+                taps.square_into(sums)
+                grads[position] = hidden.grad
+        finally:
+            taps.remove()
+        stash[index] = []
+        model.unload_layer(index)
+        yield index, {name: value.cpu() for name, value in sums.items()}
