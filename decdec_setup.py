@@ -3,8 +3,8 @@
 
 One read of the original model, a decoder layer at a time: quantize it (round-to-nearest, AWQ
 search or results, or a SqueezeLLM / Any-Precision folder's LUTs), and write into --output what
-DecDEC's runtime loads: cheatsheet.pt, thresholds.pt and, for rtn/awq, the LUT-GEMM checkpoint
-(pytorch_model.bin, config, tokenizer). Each file equals what the separate scripts write
+DecDEC's runtime loads: cheatsheet.pt, thresholds.pt and the checkpoint (pytorch_model.bin, config,
+tokenizer): LUT-GEMM's for rtn/awq, the packed SqueezeLLM one (Any-Precision's layout) for sqllm. Each file equals what the separate scripts write
 (conv_awq.py / conv_sqllm.py, cheatsheet.py --add_fused, thresholds.py) for the same inputs.
 
 Examples:
@@ -20,6 +20,7 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -44,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the original model: directory or cached hub id")
     parser.add_argument("--output", required=True,
-                        help="the folder DecDEC's runtime loads (created; cheatsheet.pt, thresholds.pt and for "
-                             "rtn/awq the LUT-GEMM checkpoint)")
+                        help="the folder DecDEC's runtime loads (created; cheatsheet.pt, thresholds.pt and the "
+                             "checkpoint: LUT-GEMM for rtn/awq, packed SqueezeLLM for sqllm)")
     parser.add_argument("--method", required=True, choices=["rtn", "awq", "sqllm"], help="how to quantize")
     quant = parser.add_argument_group("rtn / awq")
     quant.add_argument("--w_bit", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
@@ -64,9 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     awq.add_argument("--seqlen", type=int, default=512, help="search block length (default 512)")
     awq.add_argument("--awq_dtype", choices=DTYPES, default="float16", help="dtype of the search (default float16)")
     awq.add_argument("--dump_awq", default=None, help="also save the search's results here")
-    sqllm = parser.add_argument_group("sqllm")
+    sqllm = parser.add_argument_group("sqllm: an Any-Precision folder, or quantized here to --w_bit bits (SPEC §9; "
+                                      "the sensitivity's samples are the thresholds')")
     sqllm.add_argument("--quantized_path", default=None, help="Any-Precision / SqueezeLLM folder (lut_<b>/, weights/)")
     sqllm.add_argument("--bits", type=int, default=None, help="bit width, when the folder holds several")
+    sqllm.add_argument("--quantized_output", default=None, help="quantizing here: also keep Any-Precision's folder")
+    sqllm.add_argument("--gradients", default=None,
+                       help="quantizing here: the sensitivity from this file (ours or Any-Precision's)")
+    sqllm.add_argument("--dump_gradients", default=None, help="quantizing here: also save the sensitivity")
     calib = parser.add_argument_group("thresholds (as thresholds.py)")
     calib.add_argument("--dataset", default="c4", help="named dataset or local file (default c4)")
     calib.add_argument("--text_column", default=None, help="text field of a local --dataset file")
@@ -107,7 +113,7 @@ def thresholds_beside_search(device) -> bool:
 def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
     """(layer, file) of every table a SqueezeLLM run reads: lut_<bits>/l<i>.pt and weights/l<i>.pt
     (every lut_* folder when --bits is not given: there is one, or the run stops on it)."""
-    if args.method != "sqllm":
+    if args.method != "sqllm" or not args.quantized_path:  # quantizing here: the tables do not exist yet
         return []
     folder = Path(args.quantized_path).expanduser()
     luts = [f"lut_{args.bits}"] if args.bits is not None else [path.name for path in folder.glob("lut_*")]
@@ -115,22 +121,55 @@ def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
             if file.stem[1:].isdigit()]
 
 
+def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples, output: Path):
+    """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps): its folder goes to
+    --quantized_output, or beside the output folder until the pass is done with it."""
+    from common.io.outputs import atomic_dir
+    from common.io.torchsave import save_atomically
+    from common.quant.seed_luts import warm_up
+    from common.quant.sqllm import QuantizedFolder
+    from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
+    bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
+    warm_up()
+    if args.gradients:
+        gradients = load_gradients(Path(args.gradients), checkpoint, layout)
+    else:
+        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar,
+                                        args.trust_remote_code)
+    if args.dump_gradients:
+        save_atomically(gradients, Path(args.dump_gradients))
+    folder = Path(args.quantized_output) if args.quantized_output else scratch_tables(output)
+    with atomic_dir(folder, overwrite=args.overwrite or not args.quantized_output) as temporary:
+        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, temporary, bar)
+    return QuantizedFolder.open(folder, args.w_bit)
+
+
+def scratch_tables(output: Path) -> Path:
+    """Where a run that quantizes keeps its SqueezeLLM tables, without --quantized_output, until its pass ends."""
+    return output.parent / f".{output.name}.sqllm-tables"
+
+
 def read_ahead(args: argparse.Namespace, model_dir: Path) -> None:
     """Warm the page cache with every input in the background, in the order the layer loop reads
     them: the model's tensors and, for sqllm, each layer's tables beside them."""
-    start_readahead([model_dir], skip=("lm_head",) if args.method == "sqllm" else (), layer_files=table_files(args))
+    start_readahead([model_dir], layer_files=table_files(args))
 
 
 def check_args(args: argparse.Namespace) -> None:
     if args.method == "sqllm":
-        if not args.quantized_path:
-            raise InputError("--method sqllm needs --quantized_path (the Any-Precision / SqueezeLLM folder)")
+        if args.quantized_path and (args.quantized_output or args.gradients or args.dump_gradients):
+            raise InputError("--quantized_output, --gradients and --dump_gradients are for quantizing here, "
+                             "not with --quantized_path (quantized already)")
+        if not args.quantized_path and not 2 <= args.w_bit <= 8:
+            raise InputError(f"--w_bit {args.w_bit}: SqueezeLLM quantization takes 2 to 8 bits")
         if args.scaled_output or args.awq_results or args.dump_awq or args.bit_pt or args.no_zero_point:
             raise InputError("--method sqllm takes no --scaled_output, --awq_results, --dump_awq, --bit_pt "
                              "or --no_zero_point")
     else:
-        if args.quantized_path or args.bits is not None:
-            raise InputError(f"--quantized_path and --bits belong to --method sqllm, not {args.method}")
+        if args.quantized_path or args.bits is not None or args.quantized_output or args.gradients \
+                or args.dump_gradients:
+            raise InputError(f"--quantized_path, --bits, --quantized_output, --gradients and --dump_gradients "
+                             f"belong to --method sqllm, not {args.method}")
         if args.q_group_size == 0 or args.q_group_size < -1:
             raise InputError(f"--q_group_size {args.q_group_size}: must be positive, or -1 for whole rows")
     if args.method != "awq" and (args.awq_results or args.dump_awq):
@@ -179,22 +218,19 @@ def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child:
     outputs = {"folder": output, **{key: Path(getattr(args, f"{key}_output")) for key in ("scaled", "fakequant")
                                     if getattr(args, f"{key}_output")}}
     claimed = [("--output", output)] + [(f"--{key}_output", path) for key, path in outputs.items() if key != "folder"]
-    if args.dump_awq:
-        claimed.append(("--dump_awq", Path(args.dump_awq)))
+    claimed += [(flag, Path(value)) for flag, value in (("--dump_awq", args.dump_awq), ("--quantized_output",
+                args.quantized_output), ("--dump_gradients", args.dump_gradients)) if value]
     files = {flag: Path(value).expanduser() for flag, value in (
         ("--awq_results", args.awq_results), ("--bit_pt", args.bit_pt), ("--quantized_path", args.quantized_path),
+        ("--gradients", args.gradients),
         ("--calib_data", args.calib_data if args.method == "awq" and not args.awq_results else None),
         ("--dataset", args.dataset)) if value}
     inputs = [("--model", model_dir)] + [(flag, path) for flag, path in files.items() if path.exists()]
     with claimed_outputs(claimed, inputs, args.overwrite):
         summary = run(args, model_dir, outputs, device, [path for path in files.values() if path.exists()], job, child,
                       samples, started)
-    written = list(outputs.values()) + ([Path(args.dump_awq)] if args.dump_awq else [])
+    written = [path for _, path in claimed]
     report_written(written, summary)
-    if args.method == "sqllm":
-        print(f"DecDEC's runtime loads SqueezeLLM models from the Any-Precision packed folder: copy "
-              f"{output / 'cheatsheet.pt'} and {output / 'thresholds.pt'} next to its weights "
-              f"({args.quantized_path})", file=sys.stderr)
     return 0
 
 
@@ -229,7 +265,11 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     layers = len(layout.layers)
     sqllm, quantizers, transforms = None, [], []
     if args.method == "sqllm":
-        sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
+        if args.quantized_path:
+            sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
+        else:  # SPEC §9 here, first: the sensitivity on the thresholds' samples, then each layer's k-means
+            sqllm = quantize_sqllm(args, checkpoint, layout, device, samples.result() if samples else job.samples(),
+                                   outputs["folder"])
         sqllm.check_layers(layers)
     else:
         check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=not args.no_zero_point)
@@ -277,9 +317,11 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
                        not args.no_clamp, StageTimes(device), parts=parts, thresholds_child=child)
 
     def folder_writer(folder: Path) -> SetupFolderWriter:
-        lutgemm = None if sqllm or args.no_zero_point else CheckpointWriter(folder, checkpoint, layout,
-                                                                            [q.bits for q in quantizers],
-                                                                            args.q_group_size)
+        if sqllm:
+            from common.quant.anyprec import PackedCheckpointWriter
+            return SetupFolderWriter(folder, one_pass, PackedCheckpointWriter(folder, checkpoint, layout, sqllm.bits))
+        lutgemm = None if args.no_zero_point else CheckpointWriter(folder, checkpoint, layout,
+                                                                   [q.bits for q in quantizers], args.q_group_size)
         return SetupFolderWriter(folder, one_pass, lutgemm)
 
     if child is not None:
@@ -306,6 +348,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     parts.remove()
+    if args.method == "sqllm" and not args.quantized_path and not args.quantized_output:
+        shutil.rmtree(scratch_tables(outputs["folder"]), ignore_errors=True)
     if child:
         beside = f"thresholds in a second process {child.seconds:.1f} s"
     else:

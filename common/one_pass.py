@@ -201,11 +201,15 @@ class OnePass:
         where LUT-GEMM applies, 'real'; the AWQ search first when it runs."""
         where = f"{self.checkpoint.dir}: layer {index}"
         if self.method == "sqllm":
+            from common.quant.anyprec import packed_layer
             shapes = {m: tuple(self.checkpoint.tensors[n].shape) for m, n in self.layout.layers[index].linears.items()}
             fake = {**tensors, **self.sqllm.fake_quantized_layer(index, tables, shapes, self.device,
                                                                  self.checkpoint.dir)}
+            others = {name: tensor for name, tensor in tensors.items()
+                      if name.removesuffix(".weight") not in shapes}
+            packed = {**others, **packed_layer(*tables, self.sqllm.bits, self.sqllm.shift)}  # what the runtime loads
             times.lap("quantize")
-            return {"scaled": tensors, "fakequant": fake}
+            return {"scaled": tensors, "fakequant": fake, "real": packed}
         quantizer = self.quantizers[index]
         if self.method == "awq" and calibration.search is not None:
             if part:  # searched before the interruption: only the forward
@@ -251,8 +255,9 @@ class OnePass:
 
 
 class SetupFolderWriter:
-    """The folder DecDEC's runtime loads: the LUT-GEMM checkpoint (rtn/awq), cheatsheet.pt streamed layer
-    by layer, thresholds.pt at the end. convert_model's writer interface plus `put_layer`."""
+    """The folder DecDEC's runtime loads: the LUT-GEMM checkpoint (rtn/awq) or the packed SqueezeLLM one,
+    cheatsheet.pt streamed layer by layer, thresholds.pt at the end. convert_model's writer interface plus
+    `put_layer`."""
 
     def __init__(self, folder: Path, run: OnePass, lutgemm: CheckpointWriter | None):
         self.folder, self.run, self.lutgemm = folder, run, lutgemm

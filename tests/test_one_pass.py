@@ -53,7 +53,8 @@ def separate_scripts(model: Path, method: str, data: Path, out: Path, extra: lis
     """What a user runs today: converter, cheatsheet.py --add_fused, thresholds.py."""
     fq, art = out / "fq", out / "artifacts"
     if method == "sqllm":
-        ok("conv_sqllm.py", "--original_model_path", model, "--quantized_path", extra[1], "--output_path", fq)
+        ok("conv_sqllm.py", "--original_model_path", model, "--quantized_path", extra[1], "--output_path", fq,
+           "--packed_output", out / "real")
         original = model
     else:
         scaled = out / "scaled"
@@ -75,12 +76,11 @@ def compare(one: Path, fq: Path, scaled: Path | None, expected: dict[str, Path],
             assert torch.allclose(layer_ours[module], layer_theirs[module], rtol=1e-5, atol=0), module
     first, second = all_tensors(fq), all_tensors(expected["fq"])
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert_same_tree(load(one / "pytorch_model.bin"), load(expected["real"] / "pytorch_model.bin"), "real")
+    assert json.loads((one / "config.json").read_text()) == json.loads((expected["real"] / "config.json").read_text())
     if method != "sqllm":
-        assert_same_tree(load(one / "pytorch_model.bin"), load(expected["real"] / "pytorch_model.bin"), "real")
         first, second = all_tensors(scaled), all_tensors(expected["scaled"])
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    else:
-        assert not (one / "pytorch_model.bin").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
@@ -103,11 +103,37 @@ def test_one_pass_equals_the_separate_scripts(family, method, models_root, token
        *THRESHOLDS, *outputs)
     compare(one, tmp_path / "one-fq", tmp_path / "one-scaled", expected, method)
     # evaluate.py checks the folder the runtime loads, decoding its LUT-GEMM weights (or the LUTs)
-    model = ["--quantized_path", extra[1], "--artifacts", one] if method == "sqllm" else ["--quantized_model", one]
+    model = ["--quantized_model", one]  # the packed SqueezeLLM checkpoint is decoded too (LUT[code])
     reference = tmp_path / "one-scaled" if method == "awq" else original
     check = run_script("evaluate.py", *model, "--original_model", reference, "--check", "--device", DEVICE)
     assert check.returncode == 0, check.stderr[-2000:]
     assert "residual: decoded vs exact relative error" in check.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_sqllm_quantized_in_the_one_pass_equals_the_separate_commands(family, models_root, tokenizer, corpus_file,
+                                                                     tmp_path):
+    """SPEC §9 without Any-Precision: conv_sqllm.py --w_bit (sensitivity on the thresholds' samples), then
+    cheatsheet.py and thresholds.py, against decdec_setup.py --method sqllm quantizing in its own run:
+    the same quantized folder, fake-quantized model, packed checkpoint, cheatsheet and thresholds."""
+    original, _ = _model_pair(family, models_root, tokenizer)
+    samples = [item for item in THRESHOLDS if item not in ("--dtype", "float32")]
+    sep = tmp_path / "separate"
+    ok("conv_sqllm.py", "--original_model_path", original, "--w_bit", 3, "--dataset", corpus_file, *samples,
+       "--output_path", sep / "fq", "--packed_output", sep / "real", "--quantized_output", sep / "q")
+    ok("cheatsheet.py", "--original_model", original, "--quantized_model", sep / "fq", "--save_path", sep / "art")
+    ok("thresholds.py", "--model_path", original, "--save_path", sep / "art", "--dataset", corpus_file, *THRESHOLDS)
+    expected = {"fq": sep / "fq", "art": sep / "art", "real": sep / "real"}
+    ok("decdec_setup.py", "--model", original, "--output", tmp_path / "one", "--method", "sqllm", "--w_bit", 3,
+       "--dataset", corpus_file, *THRESHOLDS, "--fakequant_output", tmp_path / "one-fq",
+       "--quantized_output", tmp_path / "one-q")
+    compare(tmp_path / "one", tmp_path / "one-fq", None, expected, "sqllm")
+    from common.quant.sqllm import load_pickled_dict
+    for sub in ("lut_3", "weights"):
+        for index in range(2):
+            ours, theirs = (load_pickled_dict(root / sub / f"l{index}.pt") for root in (tmp_path / "one-q", sep / "q"))
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[m], theirs[m]) for m in ours)
+    assert not any(path.name.endswith(".sqllm-tables") for path in tmp_path.iterdir())
 
 
 def test_bfloat16_checkpoint_and_thresholds(tokenizer, corpus_file, tmp_path):
@@ -153,7 +179,9 @@ def test_bad_inputs(llama_pair, corpus_file, tmp_path):
         assert_input_error(run_script(*base, *args), *fragments)
         assert not (tmp_path / "out").exists()
 
-    refused("--method", "sqllm", fragments=("--method sqllm needs --quantized_path",))
+    refused("--method", "sqllm", "--quantized_path", tmp_path, "--gradients", tmp_path / "g.pt",
+            fragments=("for quantizing here", "not with --quantized_path"))
+    refused("--method", "sqllm", "--w_bit", 1, fragments=("--w_bit 1", "2 to 8 bits"))
     refused("--method", "rtn", "--quantized_path", tmp_path, fragments=("belong to --method sqllm",))
     refused("--method", "rtn", "--awq_results", tmp_path / "x.pt", fragments=("belong to --method awq",))
     refused("--method", "rtn", "--q_group_size", 48, fragments=("not divisible by --q_group_size 48",))
@@ -296,9 +324,12 @@ def test_the_read_ahead_streams_each_layers_tables_beside_its_tensors(llama_pair
     assert decdec_setup.table_files(decdec_setup.parse_args(["--model", "m", "--output", "o", "--method", "rtn"])) == []
 
 
-def test_sqllm_reads_no_tensor_it_does_not_write(llama_pair, corpus_file, tmp_path, monkeypatch):
-    """The sqllm folder holds no model tensors, so the LM head (1 GB of an 8B model) is never read; asked
-    for the fake-quantized model too, the run reads it for that model."""
+def test_sqllm_reads_each_tensor_once(llama_pair, corpus_file, tmp_path, monkeypatch):
+    """The sqllm folder holds the packed checkpoint, the whole model (its LM head too): the head, which only
+    the checkpoint needs, is read once, with or without the fake-quantized model beside it. (The embeddings
+    are read again by the thresholds' own model on a CPU, as for rtn.)"""
+    from collections import Counter
+
     import decdec_setup
     from common.io.model_files import Checkpoint
 
@@ -310,12 +341,12 @@ def test_sqllm_reads_no_tensor_it_does_not_write(llama_pair, corpus_file, tmp_pa
                         real_read(self, name, pin))
     args = [str(a) for a in ["--model", original, "--method", "sqllm", "--quantized_path", tmp_path / "q",
                              "--dataset", corpus_file, *THRESHOLDS, "--device", DEVICE, "--quiet"]]
-    assert decdec_setup.main([*args, "--output", str(tmp_path / "folder")]) == 0
-    assert "model.layers.1.mlp.down_proj.weight" in read and "lm_head.weight" not in read
-    read.clear()
-    assert decdec_setup.main([*args, "--output", str(tmp_path / "with_fq"), "--fakequant_output",
-                              str(tmp_path / "fq")]) == 0
-    assert "lm_head.weight" in read
+    for extra in ([], ["--fakequant_output", str(tmp_path / "fq")]):
+        read.clear()
+        assert decdec_setup.main([*args, "--output", str(tmp_path / f"folder{len(extra)}"), *extra]) == 0
+        counts = Counter(read)
+        assert counts["lm_head.weight"] == 1, counts
+        assert "model.layers.1.mlp.down_proj.weight" in counts
 
 
 def test_first_layers_beside_a_slow_set_up_on_a_cpu(llama_pair, corpus_file, tmp_path, monkeypatch):

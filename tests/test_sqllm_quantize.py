@@ -168,6 +168,10 @@ def test_quantize_here_and_every_output(family, models_root, tokenizer, corpus_f
                                   code[:, 0].numpy())
             assert torch.equal(packed[f"{prefix}{module}.lut3"], lut[:, 0])
     assert torch.equal(packed["model.embed_tokens.weight"], originals["model.embed_tokens.weight"].half())
+    from common.quant.lutgemm import DecodedCheckpoint  # what evaluate.py reads the packed folder with
+    decoded = DecodedCheckpoint(tmp_path / "packed")
+    for name, tensor in fake.items():
+        assert torch.equal(decoded.read_raw(name), tensor), name
     again = conv_sqllm("--original_model_path", original, "--quantized_path", tmp_path / "q",
                        "--output_path", tmp_path / "fq-again")
     assert again.returncode == 0, again.stderr[-2000:]

@@ -52,6 +52,18 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return planes.view(torch.int32)  # 4 bytes of a row, little-endian, per int32
 
 
+def unpack_codes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """codes uint8 [out, in] from qweight int32 [bits, out, in/32] (the inverse of `pack_codes`)."""
+    bits, out_features, _ = qweight.shape
+    permuted = qweight.contiguous().view(torch.uint8).reshape(bits, out_features, in_features // 8)
+    streams = permuted[:, :, byte_order(in_features // 8, qweight.device)]  # B[j] = P[n(j)]
+    shifts = torch.arange(7, -1, -1, device=qweight.device, dtype=torch.uint8)
+    codes = torch.zeros((out_features, in_features // 8, 8), dtype=torch.uint8, device=qweight.device)
+    for plane in range(bits):
+        codes |= ((streams[plane, :, :, None] >> shifts) & 1) << (bits - 1 - plane)
+    return codes.reshape(out_features, in_features)
+
+
 def packed_layout(shape: tuple[int, ...], bits: int) -> dict[str, TensorMeta]:
     """The two tensors replacing a Linear's weight of `shape` [out, in]."""
     out_features, in_features = shape

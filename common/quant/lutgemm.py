@@ -148,8 +148,8 @@ def tied_embedding(checkpoint: Checkpoint, model_layout: LayerLayout) -> str | N
 
 
 class DecodedCheckpoint(Checkpoint):
-    """A model folder read as float16 weights, where a LUT-GEMM `pytorch_model.bin` (SPEC §7.6) is
-    decoded Linear by Linear on demand: the folder the runtime loads is the folder evaluated. On a GPU
+    """A model folder read as float16 weights, where a LUT-GEMM `pytorch_model.bin` (SPEC §7.6) or a packed
+    SqueezeLLM one (SPEC §9.4: LUT[code]) is decoded Linear by Linear on demand: the folder the runtime loads is the folder evaluated. On a GPU
     (`device`) only the packed bytes cross to it and the decoded weight stays there: decoded on the
     host, an 8B folder's check ran at half the pace of reading the fake-quantized model."""
 
@@ -157,6 +157,16 @@ class DecodedCheckpoint(Checkpoint):
         super().__init__(model_dir, flag)
         self.device = torch.device(device)
         self._packed: dict[str, dict[str, TensorInfo]] = {}  # weight name -> its binary / alpha / q_bias
+        for base in [name[: -len(".qweight")] for name in self.tensors if name.endswith(".qweight")]:
+            # a packed SqueezeLLM checkpoint (SPEC §9.4): qweight [b, out, in/32] and lut<b> [out, 2^b]
+            qweight = self.tensors.pop(f"{base}.qweight")
+            bits = qweight.shape[0]
+            if f"{base}.lut{bits}" not in self.tensors:
+                raise InputError(f"{qweight.file}: {base}.qweight has no {base}.lut{bits}")
+            shape = (qweight.shape[1], qweight.shape[2] * WORD_BITS)
+            self._packed[f"{base}.weight"] = {"qweight": qweight, "lut": self.tensors.pop(f"{base}.lut{bits}")}
+            self.tensors[f"{base}.weight"] = TensorInfo(f"{base}.weight", qweight.file, torch.float16, shape, -1,
+                                                        2 * shape[0] * shape[1])
         for base in [name[: -len(".binary")] for name in self.tensors if name.endswith(".binary")]:
             parts = {"binary": self.tensors.pop(f"{base}.binary")}
             for key in ("alpha", "q_bias"):
@@ -177,8 +187,13 @@ class DecodedCheckpoint(Checkpoint):
         on_gpu = self.device.type == "cuda"
         stored = {key: self.read_info(info, on_gpu).to(self.device, non_blocking=True)  # only this Linear's bytes
                   for key, info in parts.items()}
-        weight = decode(stored["binary"], stored["alpha"], stored["q_bias"], torch.float16,
-                        chunk_bytes=(64 << 20) if on_gpu else (1 << 20))
+        if "qweight" in stored:
+            from common.quant.anyprec import unpack_codes
+            codes = unpack_codes(stored["qweight"], self.tensors[name].shape[1])
+            weight = torch.gather(stored["lut"].half(), 1, codes.long())
+        else:
+            weight = decode(stored["binary"], stored["alpha"], stored["q_bias"], torch.float16,
+                            chunk_bytes=(64 << 20) if on_gpu else (1 << 20))
         if on_gpu:
             return weight  # on the device, where every caller takes it next
         return weight.pin_memory() if pin else weight
