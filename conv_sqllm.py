@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     calib.add_argument("--gradients", default=None,
                        help="read the sensitivity from this file (ours, or Any-Precision's cache/gradients/*.pt)")
     calib.add_argument("--dump_gradients", default=None, help="write the sensitivity to this file")
+    calib.add_argument("--stash_gib", type=float, default=8.0,
+                       help="host memory for the stashed layer inputs and the sensitivity (default 8 GiB); "
+                            "beyond it they wait in files beside the first output")
     out = parser.add_argument_group("outputs (at least one)")
     out.add_argument("--output_path", default=None, help="the fake-quantized FP16 model directory")
     out.add_argument("--quantized_output", default=None, help="with --w_bit: Any-Precision's quantized folder")
@@ -120,7 +123,6 @@ def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayo
     """The sensitivity (computed or read), then the seed LUTs and codes into --quantized_output (or a
     scratch folder the converters read)."""
     from common.calib.thresholds_job import ThresholdsJob
-    from common.io.torchsave import save_atomically
     from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
     from common.quant.seed_luts import warm_up
     bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
@@ -131,18 +133,21 @@ def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayo
         job = ThresholdsJob(checkpoint.dir, args.dataset, args.text_column, args.sampling, args.seq_len,
                             args.num_examples, args.random_state, "bfloat16", args.batch_size, str(device),
                             args.trust_remote_code, "--original_model_path")
-        gradients = compute_sensitivity(checkpoint, layout, job.samples(), device, args.batch_size, bar,
-                                        args.trust_remote_code)
-    if args.dump_gradients:
-        save_atomically(gradients, Path(args.dump_gradients))
-    if not (args.quantized_output or args.output_path or args.packed_output):
-        return None
-    if args.quantized_output:
-        with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
-            quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, folder, bar)
-        return QuantizedFolder.open(Path(args.quantized_output), args.w_bit)
-    quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, scratch, bar)
-    return QuantizedFolder.open(scratch, args.w_bit)
+        gradients = compute_sensitivity(checkpoint, layout, job.samples(), device, args.batch_size, bar, scratch,
+                                        args.trust_remote_code, int(args.stash_gib * 2 ** 30))
+    try:
+        if args.dump_gradients:
+            gradients.dump(Path(args.dump_gradients), layout, checkpoint)
+        if not (args.quantized_output or args.output_path or args.packed_output):
+            return None
+        if args.quantized_output:
+            with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
+                quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, folder, bar)
+            return QuantizedFolder.open(Path(args.quantized_output), args.w_bit)
+        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, scratch, bar)
+        return QuantizedFolder.open(scratch, args.w_bit)
+    finally:
+        gradients.close()
 
 
 def convert(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, quantized: QuantizedFolder,

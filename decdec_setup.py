@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sqllm.add_argument("--gradients", default=None,
                        help="quantizing here: the sensitivity from this file (ours or Any-Precision's)")
     sqllm.add_argument("--dump_gradients", default=None, help="quantizing here: also save the sensitivity")
+    sqllm.add_argument("--stash_gib", type=float, default=8.0,
+                       help="quantizing here: host memory for the stashed layer inputs and the sensitivity "
+                            "(default 8 GiB); beyond it they wait in files beside the output")
     calib = parser.add_argument_group("thresholds (as thresholds.py)")
     calib.add_argument("--dataset", default="c4", help="named dataset or local file (default c4)")
     calib.add_argument("--text_column", default=None, help="text field of a local --dataset file")
@@ -125,22 +128,24 @@ def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples
     """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps): its folder goes to
     --quantized_output, or beside the output folder until the pass is done with it."""
     from common.io.outputs import atomic_dir
-    from common.io.torchsave import save_atomically
     from common.quant.seed_luts import warm_up
     from common.quant.sqllm import QuantizedFolder
     from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
     bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
     warm_up()
+    folder = Path(args.quantized_output) if args.quantized_output else scratch_tables(output)
     if args.gradients:
         gradients = load_gradients(Path(args.gradients), checkpoint, layout)
     else:
-        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar,
-                                        args.trust_remote_code)
-    if args.dump_gradients:
-        save_atomically(gradients, Path(args.dump_gradients))
-    folder = Path(args.quantized_output) if args.quantized_output else scratch_tables(output)
-    with atomic_dir(folder, overwrite=args.overwrite or not args.quantized_output) as temporary:
-        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, temporary, bar)
+        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar, output.parent,
+                                        args.trust_remote_code, int(args.stash_gib * 2 ** 30))
+    try:
+        if args.dump_gradients:
+            gradients.dump(Path(args.dump_gradients), layout, checkpoint)
+        with atomic_dir(folder, overwrite=args.overwrite or not args.quantized_output) as temporary:
+            quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, temporary, bar)
+    finally:
+        gradients.close()
     return QuantizedFolder.open(folder, args.w_bit)
 
 
@@ -235,7 +240,7 @@ def set_up(args: argparse.Namespace, model_dir: Path, job: ThresholdsJob, child:
 
 
 # options that change where results go or how they are reported, not what they are (resume fingerprint)
-NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "max_shard_size", "device",
+NOT_IN_RESULTS = ("output", "scaled_output", "fakequant_output", "dump_awq", "max_shard_size", "device", "stash_gib",
                   "overwrite", "quiet")
 
 

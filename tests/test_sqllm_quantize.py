@@ -9,15 +9,16 @@ import torch
 from tests.conftest import _model_pair
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
-def test_layerwise_sensitivity_equals_whole_model_autograd(family, models_root, tokenizer):
+@pytest.mark.parametrize("family,budget", [("llama", 0), ("qwen2", 1 << 30), ("phi3", 40_000)])
+def test_layerwise_sensitivity_equals_whole_model_autograd(family, budget, models_root, tokenizer, tmp_path):
     """F = Σₛ (∂Lₛ/∂W)² from one layer on the device at a time equals a per-sample backward through the
-    whole bfloat16 model (squares summed in float32) within 1 % relative, module by module."""
+    whole bfloat16 model (squares summed in float32) within 1 % relative, module by module; with the
+    stashed layer inputs in host memory, all in files (budget 0), or some of each."""
     from transformers import AutoModelForCausalLM
     from common.calib.layerwise import LayerwiseModel
     from common.io.model_files import Checkpoint
     from common.layers import find_layers
-    from common.quant.sensitivity import layerwise_sensitivity
+    from common.quant.sensitivity import HostStash, layerwise_sensitivity
 
     original, _ = _model_pair(family, models_root, tokenizer)
     samples = torch.randint(3, 500, (5, 48), generator=torch.Generator().manual_seed(0))
@@ -33,10 +34,16 @@ def test_layerwise_sensitivity_equals_whole_model_autograd(family, models_root, 
     checkpoint = Checkpoint(original, "--model")
     layout = find_layers(checkpoint)
     model = LayerwiseModel(checkpoint, layout, torch.device("cpu"), torch.bfloat16, via_float16=True)
+    stash = HostStash(budget, tmp_path / "spill")
     try:
-        got = dict(layerwise_sensitivity(model, samples, batch_size=2))
+        got = dict(layerwise_sensitivity(model, samples, 2, stash))
     finally:
         model.close()
+        stash.close()
+    # each layer's inputs are batches of 12, 12 and 6 KB: budget 0 spills all 6; 40 KB keeps layer 0's
+    # and the last small batch of layer 1, and spills its two larger ones
+    assert stash.spills == {0: 6, 40_000: 2}.get(budget, 0), stash.spills
+    assert not any((tmp_path / "spill").glob("**/*.safetensors"))  # the files are gone with the stash
     assert sorted(got) == [0, 1]
     for index, modules in got.items():
         assert sorted(modules) == sorted(layout.layers[index].linears)

@@ -234,13 +234,14 @@ class StateDictWriter:
             self._writer.abort()
 
 
-def load_user_file(path: Path, flag: str):
+def load_user_file(path: Path, flag: str, mmap: bool = False):
     """A torch.save'd file a user passes with `flag`, loaded without executing arbitrary pickles
-    (weights_only); a missing or refused file is an input error naming the flag and the file."""
+    (weights_only; `mmap`: its tensors read from the file as used); a missing or refused file is an
+    input error naming the flag and the file."""
     if not path.is_file():
         raise InputError(f"{flag} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         reason = str(error).strip().splitlines()
         hint = next((line for line in reason if "GLOBAL" in line or "global" in line), reason[0] if reason else "")

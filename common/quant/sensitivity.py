@@ -11,13 +11,68 @@ batch's activations.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.calib.layerwise import LayerInputs, LayerwiseModel, output_logits
+from common.calib.layerwise import LayerwiseModel, output_logits
+
+
+class HostStash:
+    """Tensors kept by key on the host up to `budget` bytes, beyond it in files of a scratch folder made
+    in `spill_dir` when first needed (8B: each layer's stashed inputs are 0.4 GB at 100 x 512 tokens,
+    its sensitivity 0.4 GB in bfloat16). `take` hands a tensor back and forgets it."""
+
+    def __init__(self, budget: int, spill_dir: Path):
+        self.budget, self.spill_dir = budget, spill_dir
+        self.held = 0
+        self.spills = 0  # tensors that went to files, in all
+        self._memory: dict[Hashable, torch.Tensor] = {}
+        self._files: dict[Hashable, Path] = {}
+        self._folder: Path | None = None
+
+    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu")
+        size = tensor.numel() * tensor.element_size()
+        if self.held + size <= self.budget:
+            self._memory[key] = tensor
+            self.held += size
+            return
+        from safetensors.torch import save_file
+        if self._folder is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._folder = Path(tempfile.mkdtemp(prefix=".sqllm-stash-", dir=self.spill_dir))
+        path = self._folder / f"{len(self._files)}.safetensors"
+        save_file({"t": tensor.contiguous()}, str(path))
+        self._files[key] = path
+        self.spills += 1
+
+    def get(self, key: Hashable) -> torch.Tensor:
+        """The tensor under `key`, kept."""
+        if key in self._memory:
+            return self._memory[key]
+        from safetensors.torch import load_file
+        return load_file(str(self._files[key]))["t"]
+
+    def take(self, key: Hashable) -> torch.Tensor:
+        if key in self._memory:
+            tensor = self._memory.pop(key)
+            self.held -= tensor.numel() * tensor.element_size()
+            return tensor
+        from safetensors.torch import load_file
+        path = self._files.pop(key)
+        tensor = load_file(str(path))["t"]
+        path.unlink()
+        return tensor
+
+    def close(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def causal_lm_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -57,21 +112,23 @@ class _LinearTaps:
             handle.remove()
 
 
-def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_size: int,
+def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_size: int, stash: HostStash,
                           progress: Callable = lambda items, **_: items
                           ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(layer index, module -> F float32 [out, in] on the CPU), from the last layer down to the first.
 
-    `model` runs in the sensitivity's dtype (bfloat16 in SPEC §9.1); `samples` [N, T] token ids."""
+    `model` runs in the sensitivity's dtype (bfloat16 in SPEC §9.1); `samples` [N, T] token ids; each
+    layer's inputs wait in `stash` between the forward and the backward."""
     batches = list(samples.split(batch_size))
     inputs = model.capture_inputs(batches)
-    stash: list[list[LayerInputs]] = []
     for index in progress(range(len(model.layers)), desc="sensitivity: forward"):
         layer = model.load_layer(index)
         model.prefetch(index + 1)
-        stash.append([item.with_hidden(item.hidden.to("cpu")) for item in inputs])
+        for position, item in enumerate(inputs):
+            stash.put(("input", index, position), item.hidden)
         inputs = model.run_layer(index, layer, inputs)
         model.unload_layer(index)
+    per_layer = [item.per_layer for item in inputs]  # each batch's other arguments, by layer
     logits = output_logits(model)
     grads = []
     for item, ids in zip(inputs, batches):
@@ -90,9 +147,9 @@ def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_si
                 for name in modules}
         taps = _LinearTaps(layer, modules)
         try:
-            for position, item in enumerate(stash[index]):
-                args, kwargs = item.per_layer[index]
-                hidden = item.hidden.to(model.device).requires_grad_(True)
+            for position, arguments in enumerate(per_layer):
+                args, kwargs = arguments[index]
+                hidden = stash.take(("input", index, position)).to(model.device).requires_grad_(True)
                 with torch.enable_grad():
                     out = layer(hidden, *args, **kwargs)
                     out = out[0] if isinstance(out, (tuple, list)) else out
@@ -101,6 +158,5 @@ def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_si
                 grads[position] = hidden.grad
         finally:
             taps.remove()
-        stash[index] = []
         model.unload_layer(index)
         yield index, {name: value.cpu() for name, value in sums.items()}

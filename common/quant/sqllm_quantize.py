@@ -2,7 +2,8 @@
 and codes, written as Any-Precision's quantized folder (what conv_sqllm.py and decdec_setup.py read).
 
 The sensitivity is rounded to bfloat16 (the gradients file's format) before the k-means, so a run from
-`--gradients` gives the same folder as the run that dumped them.
+`--gradients` gives the same folder as the run that dumped them. It is served a layer at a time: what does
+not fit the host-memory budget waits in files beside the output.
 """
 from __future__ import annotations
 
@@ -15,28 +16,64 @@ from common.errors import InputError
 from common.io.model_files import Checkpoint
 from common.layers import LayerLayout
 
-Gradients = list[dict[str, torch.Tensor]]  # per layer: module -> F, bfloat16 [out, in]
+STASH_BUDGET = 8 << 30  # bytes of stashed layer inputs and sensitivities kept in host memory; the rest spills
+
+
+class Gradients:
+    """F per layer (module -> bfloat16 [out, in]), served a layer at a time: `read(index)` gives one."""
+
+    def __init__(self, layers: int, read: Callable[[int], dict[str, torch.Tensor]],
+                 close: Callable[[], None] | None = None):
+        self.layers, self._read, self._close = layers, read, close
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        return self._read(index)
+
+    def dump(self, path: Path, layout: LayerLayout, checkpoint: Checkpoint) -> None:
+        """The gradients file (SPEC §9.1: a list with one dict per layer), streamed a layer at a time."""
+        from common.io.outputs import atomic_file
+        from common.io.torchsave import StreamedWriter, TensorMeta
+        plan = [{module: TensorMeta(tuple(checkpoint.tensors[name].shape), torch.bfloat16)
+                 for module, name in sorted(layer.linears.items())} for layer in layout.layers]
+        with atomic_file(path) as temporary:
+            writer = StreamedWriter(temporary, plan)
+            for index in range(self.layers):
+                writer.put(dict(sorted(self.layer(index).items())))
+            writer.finish()
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
 
 
 def compute_sensitivity(checkpoint: Checkpoint, layout: LayerLayout, samples: torch.Tensor, device: torch.device,
-                        batch_size: int, progress: Callable, trust_remote_code: bool = False) -> Gradients:
-    """F of SPEC §9.1 for every layer (bfloat16, on the CPU): the model in bfloat16 from its float16 weights."""
+                        batch_size: int, progress: Callable, spill_dir: Path, trust_remote_code: bool = False,
+                        budget: int = STASH_BUDGET) -> Gradients:
+    """F of SPEC §9.1 for every layer: the model in bfloat16 from its float16 weights. The stashed layer
+    inputs and the sensitivities share `budget` bytes of host memory; beyond it they go to files in
+    `spill_dir` (removed by the result's `close`)."""
     from common.calib.layerwise import LayerwiseModel
-    from common.quant.sensitivity import layerwise_sensitivity
+    from common.quant.sensitivity import HostStash, layerwise_sensitivity
+    stash = HostStash(budget, spill_dir)
     model = LayerwiseModel(checkpoint, layout, device, torch.bfloat16, trust_remote_code, via_float16=True)
-    gradients: Gradients = [{} for _ in layout.layers]
     try:
-        for index, sums in layerwise_sensitivity(model, samples, batch_size, progress):
-            gradients[index] = {module: value.to(torch.bfloat16) for module, value in sums.items()}
+        for index, sums in layerwise_sensitivity(model, samples, batch_size, stash, progress):
+            for module, value in sums.items():
+                stash.put(("F", index, module), value.to(torch.bfloat16))
+    except BaseException:
+        stash.close()
+        raise
     finally:
         model.close()
-    return gradients
+    modules = [sorted(layer.linears) for layer in layout.layers]
+    return Gradients(len(layout.layers), lambda index: {m: stash.get(("F", index, m)) for m in modules[index]},
+                     stash.close)
 
 
 def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> Gradients:
     """A gradients file (ours, or Any-Precision's cache/gradients/*.pt), checked against the model."""
     from common.io.torchsave import load_user_file
-    data = load_user_file(path, "--gradients")
+    data = load_user_file(path, "--gradients", mmap=True)  # 8B: 14 GB, read a layer at a time
     if not isinstance(data, list) or len(data) != len(layout.layers):
         size = len(data) if isinstance(data, list) else type(data).__name__
         raise InputError(f"--gradients {path}: expected a list of {len(layout.layers)} layers, found {size}: "
@@ -54,7 +91,8 @@ def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> G
                                  f"{list(checkpoint.tensors[name].shape)}")
             if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all() or (tensor < 0).any():
                 raise InputError(f"--gradients {path}: layer {layer.index} {module}: not finite, non-negative floats")
-    return [{module: tensor.to(torch.bfloat16) for module, tensor in entry.items()} for entry in data]
+    return Gradients(len(data), lambda index: {module: tensor.to(torch.bfloat16)
+                                               for module, tensor in data[index].items()})
 
 
 def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: Gradients, bits: int,
@@ -65,8 +103,9 @@ def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: G
     from common.quant.seed_luts import seed_luts
     for layer in progress(layout.layers, desc="k-means"):
         luts, codes = {}, {}
+        sensitivity = gradients.layer(layer.index)
         for module, name in sorted(layer.linears.items()):
             weight = checkpoint.read_raw(name).half()
-            lut, code = seed_luts(weight.numpy(), gradients[layer.index][module].float().numpy(), bits, random_state)
+            lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), bits, random_state)
             luts[module], codes[module] = torch.from_numpy(lut), torch.from_numpy(code)
         save_quantized_layer(folder, layer.index, bits, luts, codes)
