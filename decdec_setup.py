@@ -124,34 +124,32 @@ def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
             if file.stem[1:].isdigit()]
 
 
-def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples, output: Path):
-    """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps): its folder goes to
-    --quantized_output, or beside the output folder until the pass is done with it."""
+def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples, work: Path):
+    """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps), its tables in `work` (in
+    the run's parts folder, so an interrupted run keeps its finished layers' k-means; the sensitivity is
+    computed again), then copied to --quantized_output if asked."""
     from common.io.outputs import atomic_dir
     from common.quant.seed_luts import warm_up
     from common.quant.sqllm import QuantizedFolder
     from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
     bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
     warm_up()
-    folder = Path(args.quantized_output) if args.quantized_output else scratch_tables(output)
     if args.gradients:
         gradients = load_gradients(Path(args.gradients), checkpoint, layout)
     else:
-        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar, output.parent,
+        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar, work.parent,
                                         args.trust_remote_code, int(args.stash_gib * 2 ** 30))
     try:
         if args.dump_gradients:
             gradients.dump(Path(args.dump_gradients), layout, checkpoint)
-        with atomic_dir(folder, overwrite=args.overwrite or not args.quantized_output) as temporary:
-            quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, temporary, bar)
+        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, work, bar)
     finally:
         gradients.close()
-    return QuantizedFolder.open(folder, args.w_bit)
-
-
-def scratch_tables(output: Path) -> Path:
-    """Where a run that quantizes keeps its SqueezeLLM tables, without --quantized_output, until its pass ends."""
-    return output.parent / f".{output.name}.sqllm-tables"
+    if args.quantized_output:
+        with atomic_dir(Path(args.quantized_output), args.overwrite) as temporary:
+            for sub in (f"lut_{args.w_bit}", "weights"):
+                shutil.copytree(work / sub, temporary / sub)
+    return QuantizedFolder.open(work, args.w_bit)
 
 
 def read_ahead(args: argparse.Namespace, model_dir: Path) -> None:
@@ -269,12 +267,14 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     check_packable(checkpoint, layout)
     layers = len(layout.layers)
     sqllm, quantizers, transforms = None, [], []
+    options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
+    parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     if args.method == "sqllm":
         if args.quantized_path:
             sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         else:  # SPEC §9 here, first: the sensitivity on the thresholds' samples, then each layer's k-means
             sqllm = quantize_sqllm(args, checkpoint, layout, device, samples.result() if samples else job.samples(),
-                                   outputs["folder"])
+                                   parts.dir / "sqllm")
         sqllm.check_layers(layers)
     else:
         check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=not args.no_zero_point)
@@ -315,8 +315,6 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     calibration = None if child else start_calibration(build_calibration, beside=calibration_beside)
     if searches(args):
         read_ahead(args, model_dir)
-    options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
-    parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     one_pass = OnePass(checkpoint, layout, args.method, calibration, CheatsheetOptions(add_fused=not args.no_fused),
                        device, quantizers, transforms, sqllm, {key for key in outputs if key != "folder"},
                        not args.no_clamp, StageTimes(device), parts=parts, thresholds_child=child)
@@ -353,8 +351,6 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         from common.io.torchsave import save_atomically
         save_atomically(results_entries(transforms, layout), Path(args.dump_awq))
     parts.remove()
-    if args.method == "sqllm" and not args.quantized_path and not args.quantized_output:
-        shutil.rmtree(scratch_tables(outputs["folder"]), ignore_errors=True)
     if child:
         beside = f"thresholds in a second process {child.seconds:.1f} s"
     else:

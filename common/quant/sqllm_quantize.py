@@ -98,10 +98,13 @@ def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> G
 def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: Gradients, bits: int,
                        random_state: int, folder: Path, progress: Callable) -> None:
     """Each layer's seed LUTs and codes (SPEC §9.2), a row at a time over every core, into `folder`
-    in Any-Precision's layout (SPEC §9.3)."""
+    in Any-Precision's layout (SPEC §9.3). A layer whose files are there already (each is written whole,
+    under a temporary name first) is not computed again: how an interrupted run resumes."""
     from common.quant.anyprec import save_quantized_layer
     from common.quant.seed_luts import seed_luts
     for layer in progress(layout.layers, desc="k-means"):
+        if all((folder / sub / f"l{layer.index}.pt").is_file() for sub in (f"lut_{bits}", "weights")):
+            continue
         luts, codes = {}, {}
         sensitivity = gradients.layer(layer.index)
         for module, name in sorted(layer.linears.items()):
