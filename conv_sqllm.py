@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.cli import (add_device_arg, add_output_args, add_sampling_args, add_sensitivity_args,  # noqa: E402
+                        pick_device, progress, report_written)
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import LayerLayout, find_layers  # noqa: E402
@@ -44,20 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--bits", type=int, default=None,
                         help="with --quantized_path: the bit width to use when it holds several lut_<bits>")
     calib = parser.add_argument_group("the sensitivity's calibration (with --w_bit; thresholds.py's sampler)")
-    calib.add_argument("--dataset", default="c4", help="named dataset or local file (default c4)")
-    calib.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
-    calib.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
-    calib.add_argument("--num_examples", type=int, default=100, help="number of samples (default 100)")
-    calib.add_argument("--random_state", type=int, default=0, help="sampling and k-means seed (default 0)")
-    calib.add_argument("--sampling", choices=["reference", "concat"], default="reference",
-                       help="reference (whole passages, the default) or concat")
+    add_sampling_args(calib)  # --random_state seeds the k-means too
     calib.add_argument("--batch_size", type=int, default=8, help="samples per forward and backward (default 8)")
-    calib.add_argument("--gradients", default=None,
-                       help="read the sensitivity from this file (ours, or Any-Precision's cache/gradients/*.pt)")
-    calib.add_argument("--dump_gradients", default=None, help="write the sensitivity to this file")
-    calib.add_argument("--stash_gib", type=float, default=8.0,
-                       help="host memory for the stashed layer inputs and the sensitivity (default 8 GiB); "
-                            "beyond it they wait in files beside the first output")
+    add_sensitivity_args(calib)
     out = parser.add_argument_group("outputs (at least one)")
     out.add_argument("--output_path", default=None, help="the fake-quantized FP16 model directory")
     out.add_argument("--quantized_output", default=None, help="with --w_bit: Any-Precision's quantized folder")
@@ -123,31 +113,27 @@ def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayo
     """The sensitivity (computed or read), then the seed LUTs and codes into --quantized_output (or a
     scratch folder the converters read)."""
     from common.calib.thresholds_job import ThresholdsJob
-    from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
-    from common.quant.seed_luts import warm_up
-    bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
-    warm_up()  # flash1dkmeans' availability (one line if missing) and numba's compile, before any long work
-    if args.gradients:
-        gradients = load_gradients(Path(args.gradients), checkpoint, layout)
-    else:
-        job = ThresholdsJob(checkpoint.dir, args.dataset, args.text_column, args.sampling, args.seq_len,
-                            args.num_examples, args.random_state, "bfloat16", args.batch_size, str(device),
-                            args.trust_remote_code, "--original_model_path")
-        gradients = compute_sensitivity(checkpoint, layout, job.samples(), device, args.batch_size, bar, scratch,
-                                        args.trust_remote_code, int(args.stash_gib * 2 ** 30))
-    try:
-        if args.dump_gradients:
-            gradients.dump(Path(args.dump_gradients), layout, checkpoint)
-        if not (args.quantized_output or args.output_path or args.packed_output):
-            return None
-        if args.quantized_output:
-            with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
-                quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, folder, bar)
-            return QuantizedFolder.open(Path(args.quantized_output), args.w_bit)
-        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, scratch, bar)
-        return QuantizedFolder.open(scratch, args.w_bit)
-    finally:
-        gradients.close()
+    from common.quant.sqllm_quantize import quantize as quantize_here
+    job = ThresholdsJob(checkpoint.dir, args.dataset, args.text_column, args.sampling, args.seq_len,
+                        args.num_examples, args.random_state, "bfloat16", args.batch_size, str(device),
+                        args.trust_remote_code, "--original_model_path")
+
+    def run(folder: Path | None) -> None:
+        quantize_here(checkpoint, layout, args.w_bit, args.random_state, folder, job.samples, device, args.batch_size,
+                      lambda items, desc, total=None: progress(items, args.quiet, desc, total),
+                      Path(args.gradients) if args.gradients else None,
+                      Path(args.dump_gradients) if args.dump_gradients else None, int(args.stash_gib * 2 ** 30),
+                      scratch, args.trust_remote_code)
+
+    if args.quantized_output:
+        with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
+            run(folder)
+        return QuantizedFolder.open(Path(args.quantized_output), args.w_bit)
+    if not (args.output_path or args.packed_output):
+        run(None)  # the sensitivity alone (--dump_gradients)
+        return None
+    run(scratch)
+    return QuantizedFolder.open(scratch, args.w_bit)
 
 
 def convert(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, quantized: QuantizedFolder,

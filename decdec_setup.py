@@ -23,11 +23,11 @@ import argparse  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING, Callable  # noqa: E402
 
 from common.background import run_beside  # noqa: E402
-from common.cli import (add_device_arg, add_output_args, pick_device, progress, report_written,  # noqa: E402
-                        seconds_by_stage)
+from common.cli import (add_device_arg, add_output_args, add_sampling_args, add_sensitivity_args,  # noqa: E402
+                        pick_device, progress, report_written, seconds_by_stage)
 from common.errors import InputError, run_main  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
 
@@ -70,20 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sqllm.add_argument("--quantized_path", default=None, help="Any-Precision / SqueezeLLM folder (lut_<b>/, weights/)")
     sqllm.add_argument("--bits", type=int, default=None, help="bit width, when the folder holds several")
     sqllm.add_argument("--quantized_output", default=None, help="quantizing here: also keep Any-Precision's folder")
-    sqllm.add_argument("--gradients", default=None,
-                       help="quantizing here: the sensitivity from this file (ours or Any-Precision's)")
-    sqllm.add_argument("--dump_gradients", default=None, help="quantizing here: also save the sensitivity")
-    sqllm.add_argument("--stash_gib", type=float, default=8.0,
-                       help="quantizing here: host memory for the stashed layer inputs and the sensitivity "
-                            "(default 8 GiB); beyond it they wait in files beside the output")
+    add_sensitivity_args(sqllm)  # quantizing here
     calib = parser.add_argument_group("thresholds (as thresholds.py)")
-    calib.add_argument("--dataset", default="c4", help="named dataset or local file (default c4)")
-    calib.add_argument("--text_column", default=None, help="text field of a local --dataset file")
-    calib.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
-    calib.add_argument("--num_examples", type=int, default=100, help="samples (default 100)")
-    calib.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
-    calib.add_argument("--sampling", choices=["reference", "concat"], default="reference",
-                       help="reference (whole passages, the reference scripts' draw; the default) or concat")
+    add_sampling_args(calib)
     calib.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the thresholds forward (default bfloat16, as thresholds.py)")
     calib.add_argument("--batch_size", type=int, default=8, help="samples per forward (default 8)")
     calib.add_argument("--no_clamp", action="store_true", help="keep threshold values above 65504")
@@ -124,27 +113,17 @@ def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
             if file.stem[1:].isdigit()]
 
 
-def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples, work: Path):
+def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples: Callable, work: Path):
     """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps), its tables in `work` (in
     the run's parts folder, so an interrupted run keeps its finished layers' k-means; the sensitivity is
     computed again), then copied to --quantized_output if asked."""
     from common.io.outputs import atomic_dir
-    from common.quant.seed_luts import warm_up
     from common.quant.sqllm import QuantizedFolder
-    from common.quant.sqllm_quantize import compute_sensitivity, load_gradients, quantize_to_folder
-    bar = lambda items, desc, total=None: progress(items, args.quiet, desc, total)  # noqa: E731
-    warm_up()
-    if args.gradients:
-        gradients = load_gradients(Path(args.gradients), checkpoint, layout)
-    else:
-        gradients = compute_sensitivity(checkpoint, layout, samples, device, args.batch_size, bar, work.parent,
-                                        args.trust_remote_code, int(args.stash_gib * 2 ** 30))
-    try:
-        if args.dump_gradients:
-            gradients.dump(Path(args.dump_gradients), layout, checkpoint)
-        quantize_to_folder(checkpoint, layout, gradients, args.w_bit, args.random_state, work, bar)
-    finally:
-        gradients.close()
+    from common.quant.sqllm_quantize import quantize
+    quantize(checkpoint, layout, args.w_bit, args.random_state, work, samples, device, args.batch_size,
+             lambda items, desc, total=None: progress(items, args.quiet, desc, total),
+             Path(args.gradients) if args.gradients else None, Path(args.dump_gradients) if args.dump_gradients
+             else None, int(args.stash_gib * 2 ** 30), work.parent, args.trust_remote_code)
     if args.quantized_output:
         with atomic_dir(Path(args.quantized_output), args.overwrite) as temporary:
             for sub in (f"lut_{args.w_bit}", "weights"):
@@ -273,8 +252,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         if args.quantized_path:
             sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         else:  # SPEC §9 here, first: the sensitivity on the thresholds' samples, then each layer's k-means
-            sqllm = quantize_sqllm(args, checkpoint, layout, device, samples.result() if samples else job.samples(),
-                                   parts.dir / "sqllm")
+            sqllm = quantize_sqllm(args, checkpoint, layout, device,
+                                   lambda: samples.result() if samples else job.samples(), parts.dir / "sqllm")
         sqllm.check_layers(layers)
     else:
         check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=not args.no_zero_point)

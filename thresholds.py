@@ -16,11 +16,11 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common.cli import add_device_arg, add_output_args, pick_device, progress, report_written  # noqa: E402
+from common.cli import (add_device_arg, add_output_args, add_sampling_args, pick_device, progress,  # noqa: E402
+                        report_written)
 from common.errors import InputError, run_main  # noqa: E402
 from common.io.readahead import start_readahead  # noqa: E402
 
-NAMED_DATASETS = ("wikitext2", "ptb", "c4", "pileval")  # common.calib.calibration.NAMED_DATASETS, without its imports
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -30,18 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model to calibrate (normally the original FP16 model): directory or cached hub id")
     parser.add_argument("--save_path", required=True,
                         help="output directory (thresholds.pt is written inside), or a file path ending in .pt")
-    parser.add_argument("--dataset", default="c4",
-                        help=f"named dataset ({', '.join(NAMED_DATASETS)}; needs the 'datasets' package) or "
-                             "a local .txt/.jsonl[.gz|.zst]/.json/.parquet/.csv/.arrow file or save_to_disk "
-                             "folder (default c4)")
-    parser.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
-    parser.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
-    parser.add_argument("--num_examples", type=int, default=100, help="number of samples (default 100)")
-    parser.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--sampling", choices=["reference", "concat"], default="reference",
-                        help="reference: whole passages of at least seq_len tokens, drawn as the reference "
-                             "scripts draw them; concat: random windows of all passages joined (for datasets "
-                             "of short passages such as wikitext2 or ptb); default reference")
+    add_sampling_args(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype the model runs in (default bfloat16)")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per forward pass (default 8)")

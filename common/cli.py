@@ -31,6 +31,35 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the final lines still say what was written)")
 
 
+DATASET_NAMES = ("wikitext2", "ptb", "c4", "pileval")  # common.calib.calibration's, without its torch import
+
+
+def add_sampling_args(group) -> None:
+    """The calibration sampler's flags (SPEC §4), the same wherever samples are drawn: thresholds.py,
+    decdec_setup.py and conv_sqllm.py's sensitivity (their defaults are the reference's and Any-Precision's)."""
+    group.add_argument("--dataset", default="c4",
+                       help=f"named dataset ({', '.join(DATASET_NAMES)}; needs the 'datasets' package) or a local "
+                            ".txt/.jsonl[.gz|.zst]/.json/.parquet/.csv/.arrow file or save_to_disk folder (default c4)")
+    group.add_argument("--text_column", default=None, help="text field of a local file (default: text)")
+    group.add_argument("--seq_len", type=int, default=512, help="tokens per sample (default 512)")
+    group.add_argument("--num_examples", type=int, default=100, help="number of samples (default 100)")
+    group.add_argument("--random_state", type=int, default=0, help="sampling seed (default 0)")
+    group.add_argument("--sampling", choices=["reference", "concat"], default="reference",
+                       help="reference: whole passages of at least seq_len tokens, drawn as the reference scripts "
+                            "draw them; concat: random windows of all passages joined (for datasets of short "
+                            "passages such as wikitext2 or ptb); default reference")
+
+
+def add_sensitivity_args(group) -> None:
+    """SqueezeLLM's sensitivity flags (SPEC §9.1), the same in conv_sqllm.py and decdec_setup.py."""
+    group.add_argument("--gradients", default=None,
+                       help="read the sensitivity from this file (ours, or Any-Precision's cache/gradients/*.pt)")
+    group.add_argument("--dump_gradients", default=None, help="also save the sensitivity to this file")
+    group.add_argument("--stash_gib", type=float, default=8.0,
+                       help="host memory for the stashed layer inputs and the sensitivity (default 8 GiB); "
+                            "beyond it they wait in files beside the output")
+
+
 def pick_device(requested: str | None) -> "torch.device":
     """The device to compute on: the user's choice, else the first GPU, else the CPU."""
     import torch

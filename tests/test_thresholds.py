@@ -282,3 +282,11 @@ def test_model_without_decoder_layers(tmp_path):
     save_file({"transformer.h.0.attn.weight": torch.zeros(8, 8)}, str(model_dir / "model.safetensors"))
     expect_refusal(tmp_path / "o", "--model_path", model_dir, "--dataset", "x.txt",
                    fragments=("no decoder layers found",))
+
+
+def test_the_flags_name_every_dataset_the_loader_knows():
+    """The scripts' --help lists the named datasets without importing the loader (and torch) to parse
+    their flags: the two lists must agree."""
+    from common.calib.calibration import NAMED_DATASETS
+    from common.cli import DATASET_NAMES
+    assert DATASET_NAMES == tuple(NAMED_DATASETS)

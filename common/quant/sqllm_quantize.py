@@ -112,3 +112,27 @@ def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: G
             lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), bits, random_state)
             luts[module], codes[module] = torch.from_numpy(lut), torch.from_numpy(code)
         save_quantized_layer(folder, layer.index, bits, luts, codes)
+
+
+def quantize(checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_state: int, folder: Path | None,
+             samples: Callable[[], torch.Tensor], device: torch.device, batch_size: int, progress: Callable,
+             gradients_file: Path | None = None, dump: Path | None = None, stash_bytes: int = STASH_BUDGET,
+             spill_dir: Path | None = None, trust_remote_code: bool = False) -> None:
+    """SPEC §9 from the model to Any-Precision's folder in `folder`: the sensitivity (read from
+    `gradients_file`, or computed on `samples()`; dumped to `dump` if given), then each layer's k-means
+    (unless `folder` is None: the sensitivity alone). What conv_sqllm.py --w_bit and decdec_setup.py
+    --method sqllm both run."""
+    from common.quant.seed_luts import warm_up
+    warm_up()  # flash1dkmeans' availability (one line if missing) and numba's compile, before any long work
+    if gradients_file is not None:
+        gradients = load_gradients(gradients_file, checkpoint, layout)
+    else:
+        gradients = compute_sensitivity(checkpoint, layout, samples(), device, batch_size, progress,
+                                        spill_dir or (folder or dump).parent, trust_remote_code, stash_bytes)
+    try:
+        if dump is not None:
+            gradients.dump(dump, layout, checkpoint)
+        if folder is not None:
+            quantize_to_folder(checkpoint, layout, gradients, bits, random_state, folder, progress)
+    finally:
+        gradients.close()
