@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the folder DecDEC's runtime loads (created; cheatsheet.pt, thresholds.pt and the "
                              "checkpoint: LUT-GEMM for rtn/awq, packed SqueezeLLM for sqllm)")
     parser.add_argument("--method", required=True, choices=["rtn", "awq", "sqllm"], help="how to quantize")
-    quant = parser.add_argument_group("rtn / awq")
+    quant = parser.add_argument_group("rtn / awq (--w_bit: sqllm quantizing here too)")
     quant.add_argument("--w_bit", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
-                       help="weight bits (default 3)")
+                       help="weight bits (default 3; sqllm: 2 to 8)")
     quant.add_argument("--bit_pt", default=None, help="per-layer bits, llm-awq's {layer_index: bits} file")
     quant.add_argument("--q_group_size", type=int, default=128, help="input channels per group (default 128)")
     quant.add_argument("--no_zero_point", action="store_true",
