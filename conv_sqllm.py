@@ -90,12 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Checkpoint(model_dir, "--original_model_path")
     layout = find_layers(checkpoint)
     if args.packed_output:  # before any work
-        from common.quant.anyprec import check_packable
-        for name in (name for layer in layout.layers for name in layer.linears.values()):
-            try:
-                check_packable(name, checkpoint.tensors[name].shape)
-            except InputError as error:
-                raise InputError(f"--packed_output: {error}") from None
+        from common.quant.anyprec import check_packed_words
+        check_packed_words(checkpoint, layout, "--packed_output")
     with claimed_outputs(claimed, inputs, args.overwrite), tempfile.TemporaryDirectory(
             prefix=".sqllm-tables-", dir=Path(claimed[0][1]).absolute().parent) as scratch:
         if quantized is None:

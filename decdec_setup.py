@@ -249,6 +249,8 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
     parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     if args.method == "sqllm":
+        from common.quant.anyprec import check_packed_words
+        check_packed_words(checkpoint, layout, "--output")  # the packed checkpoint's words, before any quantization
         if args.quantized_path:
             sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         else:  # SPEC §9 here, first: the sensitivity on the thresholds' samples, then each layer's k-means

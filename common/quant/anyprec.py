@@ -22,10 +22,14 @@ from common.quant.lutgemm import CheckpointWriter
 WARP_BYTES = 128  # 32 threads x 4 bytes
 
 
-def check_packable(name: str, shape: tuple[int, ...]) -> None:
-    if shape[1] % 32:
-        raise InputError(f"tensor {name} has {shape[1]} input channels, not a multiple of 32, which the packed "
-                         "SqueezeLLM checkpoint (--packed_output) stores 32 to an int32 word")
+def check_packed_words(checkpoint: Checkpoint, layout: LayerLayout, flag: str) -> None:
+    """Input error (naming `flag` and the tensor) unless every Linear packs into whole int32 words: checked
+    before any work, and again by the writer."""
+    for name in (name for layer in layout.layers for name in layer.linears.values()):
+        in_features = checkpoint.tensors[name].shape[1]
+        if in_features % 32:
+            raise InputError(f"{flag}: tensor {name} has {in_features} input channels, not a multiple of 32, which "
+                             "the packed SqueezeLLM checkpoint stores 32 to an int32 word")
 
 
 def byte_order(total: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -95,9 +99,7 @@ class PackedCheckpointWriter(CheckpointWriter):
     `lut<b>`, everything else float16), streamed layer by layer, and config.json with the anyprec block."""
 
     def __init__(self, out_dir: Path, checkpoint: Checkpoint, model_layout: LayerLayout, bits: int):
-        for layer in model_layout.layers:
-            for name in layer.linears.values():
-                check_packable(name, checkpoint.tensors[name].shape)
+        check_packed_words(checkpoint, model_layout, str(out_dir))
         super().__init__(out_dir, checkpoint, model_layout, [bits] * len(model_layout.layers), 0, packed_layout)
         self.config = anyprec_config(checkpoint.config, bits, sorted(model_layout.layers[0].linears),
                                      model_layout.prefix)

@@ -149,9 +149,10 @@ def tied_embedding(checkpoint: Checkpoint, model_layout: LayerLayout) -> str | N
 
 class DecodedCheckpoint(Checkpoint):
     """A model folder read as float16 weights, where a LUT-GEMM `pytorch_model.bin` (SPEC §7.6) or a packed
-    SqueezeLLM one (SPEC §9.4: LUT[code]) is decoded Linear by Linear on demand: the folder the runtime loads is the folder evaluated. On a GPU
-    (`device`) only the packed bytes cross to it and the decoded weight stays there: decoded on the
-    host, an 8B folder's check ran at half the pace of reading the fake-quantized model."""
+    SqueezeLLM one (SPEC §9.4: LUT[code]) is decoded Linear by Linear on demand: the folder the runtime
+    loads is the folder evaluated. On a GPU (`device`) only the packed bytes cross to it and the decoded
+    weight stays there: decoded on the host, an 8B folder's check ran at half the pace of reading the
+    fake-quantized model."""
 
     def __init__(self, model_dir: Path, flag: str = "model", device: torch.device | str = "cpu"):
         super().__init__(model_dir, flag)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from common.errors import InputError
-from common.io.model_files import Checkpoint
+from common.io.model_files import Checkpoint, require_float16
 from common.layers import LayerLayout
 
 STASH_BUDGET = 8 << 30  # bytes of stashed layer inputs and sensitivities kept in host memory; the rest spills
@@ -85,14 +85,21 @@ def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> G
                              f"Linears are {sorted(layer.linears)}")
         for module, name in layer.linears.items():
             tensor = entry[module]
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(checkpoint.tensors[name].shape):
-                shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(checkpoint.tensors[name].shape) \
+                    or not tensor.dtype.is_floating_point:
+                shape = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise InputError(f"--gradients {path}: layer {layer.index} {module} is {shape}, the weight "
                                  f"{list(checkpoint.tensors[name].shape)}")
-            if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all() or (tensor < 0).any():
-                raise InputError(f"--gradients {path}: layer {layer.index} {module}: not finite, non-negative floats")
-    return Gradients(len(data), lambda index: {module: tensor.to(torch.bfloat16)
-                                               for module, tensor in data[index].items()})
+
+    def served(index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s values, checked as they are read: the file (mmap'd) is read once, not twice."""
+        values = {module: tensor.to(torch.bfloat16) for module, tensor in data[index].items()}
+        for module, tensor in values.items():
+            low, high = torch.aminmax(tensor)
+            if not (bool(torch.isfinite(high)) and float(low) >= 0):
+                raise InputError(f"--gradients {path}: layer {index} {module}: not finite, non-negative values")
+        return values
+    return Gradients(len(data), served)
 
 
 def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: Gradients, bits: int,
@@ -108,7 +115,9 @@ def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: G
         luts, codes = {}, {}
         sensitivity = gradients.layer(layer.index)
         for module, name in sorted(layer.linears.items()):
-            weight = checkpoint.read_raw(name).half()
+            raw = checkpoint.read_raw(name)
+            weight = raw.half()
+            require_float16(raw, weight, f"{checkpoint.dir}: tensor {name}")
             lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), bits, random_state)
             luts[module], codes[module] = torch.from_numpy(lut), torch.from_numpy(code)
         save_quantized_layer(folder, layer.index, bits, luts, codes)
