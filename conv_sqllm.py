@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from common.cli import (add_device_arg, add_output_args, add_sampling_args, add_sensitivity_args,  # noqa: E402
-                        pick_device, progress, report_written)
+                        pick_device, progress, report_written, seconds_by_stage)
 from common.io.convert import convert_model  # noqa: E402
 from common.errors import InputError, run_main  # noqa: E402
 from common.layers import LayerLayout, find_layers  # noqa: E402
@@ -94,28 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         check_packed_words(checkpoint, layout, "--packed_output")
     with claimed_outputs(claimed, inputs, args.overwrite), tempfile.TemporaryDirectory(
             prefix=".sqllm-tables-", dir=Path(claimed[0][1]).absolute().parent) as scratch:
+        quantized_in = ""
         if quantized is None:
-            quantized = quantize(args, checkpoint, layout, device, Path(scratch))
+            quantized, times = quantize(args, checkpoint, layout, device, Path(scratch))
+            quantized_in = f" (quantization {seconds_by_stage(times)})"
         if outputs:
             convert(args, checkpoint, layout, quantized, outputs, device)
     written = [path for _, path in claimed]
     report_written(written, f"{len(layout.layers)} layers, {quantized.bits if quantized else args.w_bit}-bit, on "
-                            f"{device} in {time.time() - PROCESS_STARTED:.1f} s")
+                            f"{device} in {time.time() - PROCESS_STARTED:.1f} s{quantized_in}")
     return 0
 
 
 def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, device: torch.device,
-             scratch: Path) -> QuantizedFolder | None:
+             scratch: Path) -> tuple[QuantizedFolder | None, dict[str, float]]:
     """The sensitivity (computed or read), then the seed LUTs and codes into --quantized_output (or a
-    scratch folder the converters read)."""
+    scratch folder the converters read); with the seconds by stage."""
     from common.calib.thresholds_job import ThresholdsJob
     from common.quant.sqllm_quantize import quantize as quantize_here
     job = ThresholdsJob(checkpoint.dir, args.dataset, args.text_column, args.sampling, args.seq_len,
                         args.num_examples, args.random_state, "bfloat16", args.batch_size, str(device),
                         args.trust_remote_code, "--original_model_path")
 
-    def run(folder: Path | None) -> None:
-        quantize_here(checkpoint, layout, args.w_bit, args.random_state, folder, job.samples, device, args.batch_size,
+    def run(folder: Path | None) -> dict[str, float]:
+        return quantize_here(checkpoint, layout, args.w_bit, args.random_state, folder, job.samples, device, args.batch_size,
                       lambda items, desc, total=None: progress(items, args.quiet, desc, total),
                       Path(args.gradients) if args.gradients else None,
                       Path(args.dump_gradients) if args.dump_gradients else None, int(args.stash_gib * 2 ** 30),
@@ -123,13 +125,12 @@ def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayo
 
     if args.quantized_output:
         with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
-            run(folder)
-        return QuantizedFolder.open(Path(args.quantized_output), args.w_bit)
+            times = run(folder)
+        return QuantizedFolder.open(Path(args.quantized_output), args.w_bit), times
     if not (args.output_path or args.packed_output):
-        run(None)  # the sensitivity alone (--dump_gradients)
-        return None
-    run(scratch)
-    return QuantizedFolder.open(scratch, args.w_bit)
+        return None, run(None)  # the sensitivity alone (--dump_gradients)
+    times = run(scratch)
+    return QuantizedFolder.open(scratch, args.w_bit), times
 
 
 def convert(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, quantized: QuantizedFolder,

@@ -116,11 +116,12 @@ def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
 def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples: Callable, work: Path):
     """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps), its tables in `work` (in
     the run's parts folder, so an interrupted run keeps its finished layers' k-means; the sensitivity is
-    computed again), then copied to --quantized_output if asked."""
+    computed again), then copied to --quantized_output if asked. Returns the folder and the seconds by
+    stage."""
     from common.io.outputs import atomic_dir
     from common.quant.sqllm import QuantizedFolder
     from common.quant.sqllm_quantize import quantize
-    quantize(checkpoint, layout, args.w_bit, args.random_state, work, samples, device, args.batch_size,
+    times = quantize(checkpoint, layout, args.w_bit, args.random_state, work, samples, device, args.batch_size,
              lambda items, desc, total=None: progress(items, args.quiet, desc, total),
              Path(args.gradients) if args.gradients else None, Path(args.dump_gradients) if args.dump_gradients
              else None, int(args.stash_gib * 2 ** 30), work.parent, args.trust_remote_code)
@@ -128,7 +129,7 @@ def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples
         with atomic_dir(Path(args.quantized_output), args.overwrite) as temporary:
             for sub in (f"lut_{args.w_bit}", "weights"):
                 shutil.copytree(work / sub, temporary / sub)
-    return QuantizedFolder.open(work, args.w_bit)
+    return QuantizedFolder.open(work, args.w_bit), times
 
 
 def read_ahead(args: argparse.Namespace, model_dir: Path) -> None:
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     layout = find_layers(checkpoint)
     check_packable(checkpoint, layout)
     layers = len(layout.layers)
-    sqllm, quantizers, transforms = None, [], []
+    sqllm, quantizers, transforms, quantized_in = None, [], [], ""
     options = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_IN_RESULTS}
     parts = PartStore(parts_folder(outputs["folder"]), run_fingerprint(checkpoint, inputs, options))
     if args.method == "sqllm":
@@ -254,8 +255,10 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
         if args.quantized_path:
             sqllm = QuantizedFolder.open(Path(args.quantized_path), args.bits)
         else:  # SPEC §9 here, first: the sensitivity on the thresholds' samples, then each layer's k-means
-            sqllm = quantize_sqllm(args, checkpoint, layout, device,
-                                   lambda: samples.result() if samples else job.samples(), parts.dir / "sqllm")
+            sqllm, times = quantize_sqllm(args, checkpoint, layout, device,
+                                          lambda: samples.result() if samples else job.samples(), parts.dir / "sqllm")
+            quantized_in = (f", of which SqueezeLLM quantization {times['in all']:.1f} s "
+                            f"({seconds_by_stage(times, leave_out=('in all',))})")
         sqllm.check_layers(layers)
     else:
         check_quantizable(checkpoint, layout, args.q_group_size, lutgemm=not args.no_zero_point)
@@ -342,7 +345,7 @@ def run(args: argparse.Namespace, model_dir: Path, outputs: dict[str, Path], dev
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
               if device.type == "cuda" else "")
     return (f"{layers} layers, {args.method}, on {device} in {time.time() - started:.1f} s (start-up "
-            f"{loop_started - started:.1f} s; {beside}; stage totals over the {layers} layers: "
+            f"{loop_started - started:.1f} s{quantized_in}; {beside}; stage totals over the {layers} layers: "
             f"{seconds_by_stage(one_pass.times)}"
             f"{memory})")
 

@@ -137,8 +137,9 @@ def test_sqllm_quantized_in_the_one_pass_equals_the_separate_commands(family, mo
 
 
 def test_sqllm_quantizing_resumes_its_k_means(llama_pair, corpus_file, tmp_path, monkeypatch):
-    """Stopped after layer 0's k-means (like Ctrl-C), the same command computes the sensitivity again but
-    not layer 0's LUTs; every file equals an uninterrupted run's."""
+    """Stopped after the first layer's k-means (like Ctrl-C; the k-means follows the sensitivity from the
+    top layer down), the same command computes the sensitivity again but not that layer's LUTs; every file
+    equals an uninterrupted run's."""
     import decdec_setup
     from common.one_pass import parts_folder
     from common.quant import anyprec, seed_luts
@@ -148,22 +149,25 @@ def test_sqllm_quantizing_resumes_its_k_means(llama_pair, corpus_file, tmp_path,
                              *THRESHOLDS, "--device", "cpu", "--quiet"]]
     assert decdec_setup.main([*args, "--output", str(tmp_path / "whole")]) == 0
     real_save, real_seed = anyprec.save_quantized_layer, seed_luts.seed_luts
+    saved = []
 
     def save_then_stop(folder, index, *rest):
         real_save(folder, index, *rest)
-        if index == 0:
-            raise KeyboardInterrupt
+        saved.append(index)
+        raise KeyboardInterrupt
     with monkeypatch.context() as patch:
         patch.setattr(anyprec, "save_quantized_layer", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             decdec_setup.main([*args, "--output", str(tmp_path / "resumed")])
+    assert saved == [1]  # the top layer's sensitivity comes first
     assert not (tmp_path / "resumed").exists()
-    assert (parts_folder(tmp_path / "resumed") / "sqllm" / "weights" / "l0.pt").is_file()
+    tables = parts_folder(tmp_path / "resumed") / "sqllm"
+    assert (tables / "weights" / "l1.pt").is_file() and not (tables / "weights" / "l0.pt").exists()
     seeded = []
     monkeypatch.setattr(seed_luts, "seed_luts", lambda weight, *rest: seeded.append(weight.shape) or
                         real_seed(weight, *rest))
     assert decdec_setup.main([*args, "--output", str(tmp_path / "resumed")]) == 0
-    assert seeded[0] == (2, 32) and len(seeded) == 1 + 7  # numba's warm-up, then layer 1's Linears only
+    assert seeded[0] == (2, 32) and len(seeded) == 1 + 7  # numba's warm-up, then layer 0's Linears only
     assert not parts_folder(tmp_path / "resumed").exists()
     load = lambda path: torch.load(path, weights_only=True)  # noqa: E731
     for name in ("cheatsheet.pt", "thresholds.pt", "pytorch_model.bin"):

@@ -56,21 +56,26 @@ def test_layerwise_sensitivity_equals_whole_model_autograd(family, budget, model
 
 def test_seed_luts_equal_a_direct_flash1dkmeans_call_per_row():
     """SPEC §9.2 row by row in plain NumPy, against the parallel kernel: the same LUT and codes, with a
-    row of zero sensitivity (unweighted) and one holding zeros (masked out of the weights)."""
+    row of zero sensitivity (unweighted), one holding zeros (masked out of the weights) and rows of
+    many ties, -0 among them. The kernel's radix sort is stable: ties come in index order, as
+    np.argsort(kind="stable") gives them (numpy's default quicksort may order ties otherwise, which
+    changes only the float64 prefix sums' rounding: the same result on these rows too)."""
     from flash1dkmeans import numba_kmeans_1d_k_cluster
     from common.quant.seed_luts import seed_luts
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((24, 256)) * 0.02).astype(np.float16)
     weight[3, :40] = 0
+    weight[7:10] = np.round(weight[7:10] * 300) / 300  # a few distinct values, each many times
+    weight[8, ::3] = -0.0
     sensitivity = (rng.standard_normal((24, 256)) ** 2).astype(np.float32)
     sensitivity[5] = 0
     for bits in (2, 3, 4):
         luts, codes = seed_luts(weight, sensitivity, bits, random_state=0)
         assert luts.dtype == np.float16 and luts.shape == (24, 2 ** bits) and codes.dtype == np.uint8
-        for row in range(24):
+        for row, kind in [(row, kind) for row in range(24) for kind in ("stable", "quicksort")]:
             x = weight[row].astype(np.float32)
             f = sensitivity[row] * (x != 0)
-            order = np.argsort(x)
+            order = np.argsort(x, kind=kind)
             sorted_f = f[order].astype(np.float64)
             if sorted_f.sum() == 0:
                 sorted_f = np.ones_like(sorted_f)
@@ -192,6 +197,44 @@ def test_quantize_here_and_every_output(family, models_root, tokenizer, corpus_f
             first = load_pickled_dict(tmp_path / "q" / sub / f"l{index}.pt")
             other = load_pickled_dict(tmp_path / "q-again" / sub / f"l{index}.pt")
             assert all(torch.equal(first[m], other[m]) for m in first)
+
+
+def test_kmeans_beside_the_sensitivity_writes_the_same_folder(phi3_pair, tmp_path):
+    """The k-means on its own thread (as on a GPU), handed layers from the top down with at most one
+    waiting, writes the same files as run in order on the caller's thread; a layer already there is not
+    computed again; an error on the thread reaches the caller."""
+    from common.io.model_files import Checkpoint
+    from common.layers import find_layers
+    from common.quant.sqllm import load_pickled_dict
+    from common.quant.sqllm_quantize import LayerKMeans
+    checkpoint = Checkpoint(phi3_pair[0], "--model")
+    layout = find_layers(checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    sensitivity = {layer.index: {m: torch.rand(checkpoint.tensors[n].shape, generator=generator).to(torch.bfloat16)
+                                 for m, n in layer.linears.items()} for layer in layout.layers}
+    for name, beside, order in (("inline", False, [0, 1]), ("beside", True, [1, 0])):
+        kmeans = LayerKMeans(checkpoint, layout, 3, 0, tmp_path / name, beside=beside, ahead=1)
+        try:
+            for index in order:
+                kmeans.submit(index, sensitivity[index])
+            kmeans.finish()
+        finally:
+            kmeans.close()
+        assert kmeans.beside == beside and kmeans.seconds > 0
+    for sub in ("lut_3", "weights"):
+        for index in range(2):
+            first = load_pickled_dict(tmp_path / "inline" / sub / f"l{index}.pt")
+            other = load_pickled_dict(tmp_path / "beside" / sub / f"l{index}.pt")
+            assert first.keys() == other.keys() and all(torch.equal(first[m], other[m]) for m in first)
+    (tmp_path / "beside" / "weights" / "l1.pt").unlink()
+    again = LayerKMeans(checkpoint, layout, 3, 0, tmp_path / "beside", beside=True)
+    try:
+        again.submit(0, {})  # there already: nothing to compute, so no sensitivity needed
+        again.submit(1, {})  # layer 1's codes are gone: computed, and the missing sensitivity surfaces
+        with pytest.raises(KeyError):
+            again.finish()
+    finally:
+        again.close()
 
 
 def test_bad_sqllm_inputs(llama_pair, tokenizer, corpus_file, tmp_path):

@@ -7,6 +7,9 @@ not fit the host-memory budget waits in files beside the output.
 """
 from __future__ import annotations
 
+import time
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -48,23 +51,33 @@ class Gradients:
 
 def compute_sensitivity(checkpoint: Checkpoint, layout: LayerLayout, samples: torch.Tensor, device: torch.device,
                         batch_size: int, progress: Callable, spill_dir: Path, trust_remote_code: bool = False,
-                        budget: int = STASH_BUDGET) -> Gradients:
-    """F of SPEC §9.1 for every layer: the model in bfloat16 from its float16 weights. The stashed layer
-    inputs and the sensitivities share `budget` bytes of host memory; beyond it they go to files in
-    `spill_dir` (removed by the result's `close`)."""
+                        budget: int = STASH_BUDGET, ready: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                        keep: bool = True) -> Gradients | None:
+    """F of SPEC §9.1 for every layer: the model in bfloat16 from its float16 weights. Each layer's F
+    (bfloat16, as the gradients file holds it) goes to `ready(index, F)` as soon as it is known, from
+    the last layer down; with `keep`, it is also kept for the result. The stashed layer inputs and the
+    kept sensitivities share `budget` bytes of host memory; beyond it they go to files in `spill_dir`
+    (removed by the result's `close`)."""
     from common.calib.layerwise import LayerwiseModel
     from common.quant.sensitivity import HostStash, layerwise_sensitivity
     stash = HostStash(budget, spill_dir)
     model = LayerwiseModel(checkpoint, layout, device, torch.bfloat16, trust_remote_code, via_float16=True)
     try:
         for index, sums in layerwise_sensitivity(model, samples, batch_size, stash, progress):
-            for module, value in sums.items():
-                stash.put(("F", index, module), value.to(torch.bfloat16))
+            values = {module: value.to(torch.bfloat16) for module, value in sums.items()}
+            if keep:
+                for module, value in values.items():
+                    stash.put(("F", index, module), value)
+            if ready is not None:
+                ready(index, values)
     except BaseException:
         stash.close()
         raise
     finally:
         model.close()
+    if not keep:
+        stash.close()
+        return None
     modules = [sorted(layer.linears) for layer in layout.layers]
     return Gradients(len(layout.layers), lambda index: {m: stash.get(("F", index, m)) for m in modules[index]},
                      stash.close)
@@ -102,46 +115,114 @@ def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> G
     return Gradients(len(data), served)
 
 
-def quantize_to_folder(checkpoint: Checkpoint, layout: LayerLayout, gradients: Gradients, bits: int,
-                       random_state: int, folder: Path, progress: Callable) -> None:
-    """Each layer's seed LUTs and codes (SPEC §9.2), a row at a time over every core, into `folder`
-    in Any-Precision's layout (SPEC §9.3). A layer whose files are there already (each is written whole,
-    under a temporary name first) is not computed again: how an interrupted run resumes."""
-    from common.quant.anyprec import save_quantized_layer
-    from common.quant.seed_luts import seed_luts
-    for layer in progress(layout.layers, desc="k-means"):
-        if all((folder / sub / f"l{layer.index}.pt").is_file() for sub in (f"lut_{bits}", "weights")):
-            continue
+class LayerKMeans:
+    """Each layer's seed LUTs and codes (SPEC §9.2), every core on one layer's rows, into `folder` in
+    Any-Precision's layout (SPEC §9.3), in the order layers are handed in. With `beside`, on a thread of
+    its own (numba lets the GIL go): the cores work on one layer while the GPU computes the next layer's
+    sensitivity, and `submit` waits only while `ahead` layers wait already, which bounds the memory.
+    A layer whose files are there already (each is written whole, under a temporary name first) is not
+    computed again: how an interrupted run resumes."""
+
+    def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_state: int, folder: Path,
+                 beside: bool, ahead: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+        self.checkpoint, self.layout, self.bits, self.random_state, self.folder = \
+            checkpoint, layout, bits, random_state, folder
+        self.seconds = 0.0  # spent in the k-means, all layers
+        self.waited = 0.0  # `submit` waiting for a free place in the queue
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqllm-kmeans") if beside else None
+        self._pending: deque[Future] = deque()
+        self._ahead = ahead
+
+    @property
+    def beside(self) -> bool:
+        return self._pool is not None
+
+    def done(self, index: int) -> bool:
+        return all((self.folder / sub / f"l{index}.pt").is_file() for sub in (f"lut_{self.bits}", "weights"))
+
+    def submit(self, index: int, sensitivity: dict[str, torch.Tensor]) -> None:
+        if self.done(index):
+            return
+        if self._pool is None:
+            self._run(index, sensitivity)
+            return
+        started = time.perf_counter()
+        while len(self._pending) >= self._ahead:
+            self._pending.popleft().result()
+        self.waited += time.perf_counter() - started
+        self._pending.append(self._pool.submit(self._run, index, sensitivity))
+
+    def finish(self) -> None:
+        """Wait for every submitted layer (raising the first error)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Stop: layers not started are dropped, the running one ends first (its files stay whole)."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _run(self, index: int, sensitivity: dict[str, torch.Tensor]) -> None:
+        from common.quant.anyprec import save_quantized_layer
+        from common.quant.seed_luts import seed_luts
+        started = time.perf_counter()
         luts, codes = {}, {}
-        sensitivity = gradients.layer(layer.index)
-        for module, name in sorted(layer.linears.items()):
-            raw = checkpoint.read_raw(name)
+        for module, name in sorted(self.layout.layers[index].linears.items()):
+            raw = self.checkpoint.read_raw(name)
             weight = raw.half()
-            require_float16(raw, weight, f"{checkpoint.dir}: tensor {name}")
-            lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), bits, random_state)
+            require_float16(raw, weight, f"{self.checkpoint.dir}: tensor {name}")
+            lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), self.bits, self.random_state)
             luts[module], codes[module] = torch.from_numpy(lut), torch.from_numpy(code)
-        save_quantized_layer(folder, layer.index, bits, luts, codes)
+        save_quantized_layer(self.folder, index, self.bits, luts, codes)
+        self.seconds += time.perf_counter() - started
 
 
 def quantize(checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_state: int, folder: Path | None,
              samples: Callable[[], torch.Tensor], device: torch.device, batch_size: int, progress: Callable,
              gradients_file: Path | None = None, dump: Path | None = None, stash_bytes: int = STASH_BUDGET,
-             spill_dir: Path | None = None, trust_remote_code: bool = False) -> None:
+             spill_dir: Path | None = None, trust_remote_code: bool = False) -> dict[str, float]:
     """SPEC §9 from the model to Any-Precision's folder in `folder`: the sensitivity (read from
-    `gradients_file`, or computed on `samples()`; dumped to `dump` if given), then each layer's k-means
-    (unless `folder` is None: the sensitivity alone). What conv_sqllm.py --w_bit and decdec_setup.py
-    --method sqllm both run."""
-    from common.quant.seed_luts import warm_up
+    `gradients_file`, or computed on `samples()`; dumped to `dump` if given), and each layer's k-means
+    as soon as its sensitivity is known (unless `folder` is None: the sensitivity alone). What
+    conv_sqllm.py --w_bit and decdec_setup.py --method sqllm both run. Returns seconds by stage."""
+    from common.quant.seed_luts import threads, warm_up
+    started = time.perf_counter()
     warm_up()  # flash1dkmeans' availability (one line if missing) and numba's compile, before any long work
-    if gradients_file is not None:
-        gradients = load_gradients(gradients_file, checkpoint, layout)
-    else:
-        gradients = compute_sensitivity(checkpoint, layout, samples(), device, batch_size, progress,
-                                        spill_dir or (folder or dump).parent, trust_remote_code, stash_bytes)
+    kmeans = None if folder is None else LayerKMeans(checkpoint, layout, bits, random_state, folder,
+                                                     beside=device.type == "cuda" and gradients_file is None)
+    ready = None if kmeans is None else kmeans.submit
+    gradients = None
     try:
-        if dump is not None:
+        if gradients_file is not None:
+            gradients = load_gradients(gradients_file, checkpoint, layout)
+            if kmeans is not None:
+                for index in progress(range(gradients.layers), desc="k-means"):
+                    if not kmeans.done(index):
+                        kmeans.submit(index, gradients.layer(index))
+        else:
+            gradients = compute_sensitivity(checkpoint, layout, samples(), device, batch_size, progress,
+                                            spill_dir or (folder or dump).parent, trust_remote_code, stash_bytes,
+                                            ready, keep=dump is not None)
+        sensitivity_done = time.perf_counter()
+        if dump is not None:  # beside the last layers' k-means
             gradients.dump(dump, layout, checkpoint)
-        if folder is not None:
-            quantize_to_folder(checkpoint, layout, gradients, bits, random_state, folder, progress)
+        if kmeans is not None:
+            kmeans.finish()
+        finished = time.perf_counter()
     finally:
-        gradients.close()
+        if kmeans is not None:
+            kmeans.close()
+        if gradients is not None:
+            gradients.close()
+    # the sensitivity's own time: without its waits for the queue, or the k-means run in its thread
+    other = 0.0 if kmeans is None else kmeans.waited if kmeans.beside else kmeans.seconds
+    times = {"sensitivity" if gradients_file is None else "reading the gradients": sensitivity_done - started - other}
+    if kmeans is not None:
+        times[f"k-means on {threads()} threads"] = kmeans.seconds
+        times["waiting for the k-means after it"] = finished - sensitivity_done
+    times["in all"] = finished - started
+    return times
