@@ -108,29 +108,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def quantize(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, device: torch.device,
              scratch: Path) -> tuple[QuantizedFolder | None, dict[str, float]]:
-    """The sensitivity (computed or read), then the seed LUTs and codes into --quantized_output (or a
-    scratch folder the converters read); with the seconds by stage."""
+    """The sensitivity (computed or read), then the seed LUTs and codes into a scratch folder the
+    converters read, exported to --quantized_output if asked; with the seconds by stage."""
     from common.calib.thresholds_job import ThresholdsJob
+    from common.quant.sqllm import ComputedTables
     from common.quant.sqllm_quantize import quantize as quantize_here
     job = ThresholdsJob(checkpoint.dir, args.dataset, args.text_column, args.sampling, args.seq_len,
                         args.num_examples, args.random_state, "bfloat16", args.batch_size, str(device),
                         args.trust_remote_code, "--original_model_path")
-
-    def run(folder: Path | None) -> dict[str, float]:
-        return quantize_here(checkpoint, layout, args.w_bit, args.random_state, folder, job.samples, device, args.batch_size,
-                      lambda items, desc, total=None: progress(items, args.quiet, desc, total),
-                      Path(args.gradients) if args.gradients else None,
-                      Path(args.dump_gradients) if args.dump_gradients else None, int(args.stash_gib * 2 ** 30),
-                      scratch, args.trust_remote_code)
-
-    if args.quantized_output:
+    tables = ComputedTables(scratch / "tables", args.w_bit, 0)
+    if not (args.output_path or args.packed_output or args.quantized_output):
+        tables = None  # the sensitivity alone (--dump_gradients)
+    times = quantize_here(checkpoint, layout, args.random_state, tables, job.samples, device, args.batch_size,
+                          lambda items, desc, total=None: progress(items, args.quiet, desc, total),
+                          Path(args.gradients) if args.gradients else None,
+                          Path(args.dump_gradients) if args.dump_gradients else None, int(args.stash_gib * 2 ** 30),
+                          scratch, args.trust_remote_code)
+    if tables is not None and args.quantized_output:
         with atomic_dir(Path(args.quantized_output), args.overwrite) as folder:
-            times = run(folder)
-        return QuantizedFolder.open(Path(args.quantized_output), args.w_bit), times
-    if not (args.output_path or args.packed_output):
-        return None, run(None)  # the sensitivity alone (--dump_gradients)
-    times = run(scratch)
-    return QuantizedFolder.open(scratch, args.w_bit), times
+            tables.export(folder, len(layout.layers))
+    return tables, times
 
 
 def convert(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayout, quantized: QuantizedFolder,
@@ -141,6 +138,7 @@ def convert(args: argparse.Namespace, checkpoint: Checkpoint, layout: LayerLayou
 
     def transform(index: int, tensors: dict[str, torch.Tensor], tables) -> dict[str, dict[str, torch.Tensor]]:
         shapes = {m: tuple(checkpoint.tensors[n].shape) for m, n in layout.layers[index].linears.items()}
+        tables = tuple({module: table.to(device) for module, table in kind.items()} for kind in tables)  # packed there too
         # norms and biases as in the original; the LUTs and codes give every Linear weight
         fake = quantized.fake_quantized_layer(index, tables, shapes, device, checkpoint.dir)
         results = {}

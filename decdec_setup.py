@@ -116,20 +116,20 @@ def table_files(args: argparse.Namespace) -> list[tuple[int, Path]]:
 def quantize_sqllm(args: argparse.Namespace, checkpoint, layout, device, samples: Callable, work: Path):
     """SqueezeLLM quantization before the pass (conv_sqllm.py --w_bit's steps), its tables in `work` (in
     the run's parts folder, so an interrupted run keeps its finished layers' k-means; the sensitivity is
-    computed again), then copied to --quantized_output if asked. Returns the folder and the seconds by
+    computed again), then exported to --quantized_output if asked. Returns the tables and the seconds by
     stage."""
     from common.io.outputs import atomic_dir
-    from common.quant.sqllm import QuantizedFolder
+    from common.quant.sqllm import ComputedTables
     from common.quant.sqllm_quantize import quantize
-    times = quantize(checkpoint, layout, args.w_bit, args.random_state, work, samples, device, args.batch_size,
-             lambda items, desc, total=None: progress(items, args.quiet, desc, total),
-             Path(args.gradients) if args.gradients else None, Path(args.dump_gradients) if args.dump_gradients
-             else None, int(args.stash_gib * 2 ** 30), work.parent, args.trust_remote_code)
+    tables = ComputedTables(work, args.w_bit, 0)
+    times = quantize(checkpoint, layout, args.random_state, tables, samples, device, args.batch_size,
+                     lambda items, desc, total=None: progress(items, args.quiet, desc, total),
+                     Path(args.gradients) if args.gradients else None, Path(args.dump_gradients) if args.dump_gradients
+                     else None, int(args.stash_gib * 2 ** 30), work.parent, args.trust_remote_code)
     if args.quantized_output:
         with atomic_dir(Path(args.quantized_output), args.overwrite) as temporary:
-            for sub in (f"lut_{args.w_bit}", "weights"):
-                shutil.copytree(work / sub, temporary / sub)
-    return QuantizedFolder.open(work, args.w_bit), times
+            tables.export(temporary, len(layout.layers))
+    return tables, times
 
 
 def read_ahead(args: argparse.Namespace, model_dir: Path) -> None:

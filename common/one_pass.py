@@ -203,6 +203,7 @@ class OnePass:
         if self.method == "sqllm":
             from common.quant.anyprec import packed_layer
             shapes = {m: tuple(self.checkpoint.tensors[n].shape) for m, n in self.layout.layers[index].linears.items()}
+            tables = tuple({module: table.to(self.device) for module, table in kind.items()} for kind in tables)
             fake = {**tensors, **self.sqllm.fake_quantized_layer(index, tables, shapes, self.device,
                                                                  self.checkpoint.dir)}
             others = {name: tensor for name, tensor in tensors.items()

@@ -142,27 +142,27 @@ def test_sqllm_quantizing_resumes_its_k_means(llama_pair, corpus_file, tmp_path,
     equals an uninterrupted run's."""
     import decdec_setup
     from common.one_pass import parts_folder
-    from common.quant import anyprec, seed_luts
+    from common.quant import seed_luts
 
     original, _ = llama_pair
     args = [str(a) for a in ["--model", original, "--method", "sqllm", "--w_bit", 3, "--dataset", corpus_file,
                              *THRESHOLDS, "--device", "cpu", "--quiet"]]
     assert decdec_setup.main([*args, "--output", str(tmp_path / "whole")]) == 0
-    real_save, real_seed = anyprec.save_quantized_layer, seed_luts.seed_luts
-    saved = []
+    real_seed = seed_luts.seed_luts
+    calls = []
 
-    def save_then_stop(folder, index, *rest):
-        real_save(folder, index, *rest)
-        saved.append(index)
-        raise KeyboardInterrupt
+    def seed_then_stop(weight, *rest):
+        calls.append(weight.shape)
+        if len(calls) == 1 + 7 + 1:  # numba's warm-up, layer 1's seven Linears, then layer 0's first
+            raise KeyboardInterrupt
+        return real_seed(weight, *rest)
     with monkeypatch.context() as patch:
-        patch.setattr(anyprec, "save_quantized_layer", save_then_stop)
+        patch.setattr(seed_luts, "seed_luts", seed_then_stop)
         with pytest.raises(KeyboardInterrupt):
             decdec_setup.main([*args, "--output", str(tmp_path / "resumed")])
-    assert saved == [1]  # the top layer's sensitivity comes first
     assert not (tmp_path / "resumed").exists()
     tables = parts_folder(tmp_path / "resumed") / "sqllm"
-    assert (tables / "weights" / "l1.pt").is_file() and not (tables / "weights" / "l0.pt").exists()
+    assert (tables / "l1.safetensors").is_file() and not (tables / "l0.safetensors").exists()
     seeded = []
     monkeypatch.setattr(seed_luts, "seed_luts", lambda weight, *rest: seeded.append(weight.shape) or
                         real_seed(weight, *rest))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import InputError
 from tests.conftest import _model_pair
 
 
@@ -67,14 +68,15 @@ def test_seed_luts_equal_a_direct_flash1dkmeans_call_per_row():
     weight[3, :40] = 0
     weight[7:10] = np.round(weight[7:10] * 300) / 300  # a few distinct values, each many times
     weight[8, ::3] = -0.0
-    sensitivity = (rng.standard_normal((24, 256)) ** 2).astype(np.float32)
+    sensitivity = torch.from_numpy(rng.standard_normal((24, 256)) ** 2).to(torch.bfloat16)
     sensitivity[5] = 0
     for bits in (2, 3, 4):
-        luts, codes = seed_luts(weight, sensitivity, bits, random_state=0)
+        luts, codes = seed_luts(torch.from_numpy(weight), sensitivity, bits, random_state=0)
+        luts, codes = luts.numpy(), codes.numpy()
         assert luts.dtype == np.float16 and luts.shape == (24, 2 ** bits) and codes.dtype == np.uint8
         for row, kind in [(row, kind) for row in range(24) for kind in ("stable", "quicksort")]:
             x = weight[row].astype(np.float32)
-            f = sensitivity[row] * (x != 0)
+            f = sensitivity[row].float().numpy() * (x != 0)
             order = np.argsort(x, kind=kind)
             sorted_f = f[order].astype(np.float64)
             if sorted_f.sum() == 0:
@@ -86,11 +88,14 @@ def test_seed_luts_equal_a_direct_flash1dkmeans_call_per_row():
             want = np.empty(len(x), dtype=np.uint8)
             for cluster in range(2 ** bits):
                 want[order[borders[cluster]:borders[cluster + 1]]] = cluster
-            assert np.array_equal(luts[row], centroids.astype(np.float32).astype(np.float16)), (bits, row)
-            assert np.array_equal(codes[row], want), (bits, row)
+            assert np.array_equal(luts[row], centroids.astype(np.float32).astype(np.float16)), (bits, row, kind)
+            assert np.array_equal(codes[row], want), (bits, row, kind)
         decoded = np.take_along_axis(luts.astype(np.float32), codes.astype(np.int64), axis=1)
         error = np.abs(decoded - weight.astype(np.float32)).mean()
         assert error < np.abs(weight.astype(np.float32)).mean() * (0.5 if bits == 2 else 0.25)
+    weight[11, 7] = np.inf
+    with pytest.raises(InputError, match="layer 9 up_proj holds NaN or Inf"):
+        seed_luts(torch.from_numpy(weight), sensitivity, 3, where="layer 9 up_proj")
 
 
 def unpack_by_the_letter(qweight: torch.Tensor, bits: int, in_features: int) -> np.ndarray:
@@ -199,21 +204,23 @@ def test_quantize_here_and_every_output(family, models_root, tokenizer, corpus_f
             assert all(torch.equal(first[m], other[m]) for m in first)
 
 
-def test_kmeans_beside_the_sensitivity_writes_the_same_folder(phi3_pair, tmp_path):
+def test_kmeans_beside_the_sensitivity_writes_the_same_tables(phi3_pair, tmp_path):
     """The k-means on its own thread (as on a GPU), handed layers from the top down with at most one
-    waiting, writes the same files as run in order on the caller's thread; a layer already there is not
-    computed again; an error on the thread reaches the caller."""
+    waiting, writes the same tables as run in order on the caller's thread, and they equal seed_luts of
+    each weight; a layer already there is not computed again; an error on the thread reaches the caller."""
     from common.io.model_files import Checkpoint
     from common.layers import find_layers
-    from common.quant.sqllm import load_pickled_dict
+    from common.quant.seed_luts import seed_luts
+    from common.quant.sqllm import ComputedTables
     from common.quant.sqllm_quantize import LayerKMeans
     checkpoint = Checkpoint(phi3_pair[0], "--model")
     layout = find_layers(checkpoint)
     generator = torch.Generator().manual_seed(1)
     sensitivity = {layer.index: {m: torch.rand(checkpoint.tensors[n].shape, generator=generator).to(torch.bfloat16)
                                  for m, n in layer.linears.items()} for layer in layout.layers}
+    tables = {name: ComputedTables(tmp_path / name, 3, 0) for name in ("inline", "beside")}
     for name, beside, order in (("inline", False, [0, 1]), ("beside", True, [1, 0])):
-        kmeans = LayerKMeans(checkpoint, layout, 3, 0, tmp_path / name, beside=beside, ahead=1)
+        kmeans = LayerKMeans(checkpoint, layout, tables[name], 0, beside=beside, ahead=1)
         try:
             for index in order:
                 kmeans.submit(index, sensitivity[index])
@@ -221,20 +228,22 @@ def test_kmeans_beside_the_sensitivity_writes_the_same_folder(phi3_pair, tmp_pat
         finally:
             kmeans.close()
         assert kmeans.beside == beside and kmeans.seconds > 0
-    for sub in ("lut_3", "weights"):
-        for index in range(2):
-            first = load_pickled_dict(tmp_path / "inline" / sub / f"l{index}.pt")
-            other = load_pickled_dict(tmp_path / "beside" / sub / f"l{index}.pt")
-            assert first.keys() == other.keys() and all(torch.equal(first[m], other[m]) for m in first)
-    (tmp_path / "beside" / "weights" / "l1.pt").unlink()
-    again = LayerKMeans(checkpoint, layout, 3, 0, tmp_path / "beside", beside=True)
+    for layer in layout.layers:
+        first, other = tables["inline"].read_layer(layer.index), tables["beside"].read_layer(layer.index)
+        for module, name in layer.linears.items():
+            lut, codes = seed_luts(checkpoint.read(name), sensitivity[layer.index][module], 3)
+            for got in (first, other):
+                assert torch.equal(got[0][module], lut) and torch.equal(got[1][module], codes)
+    tables["beside"].file(1).unlink()
+    again = LayerKMeans(checkpoint, layout, tables["beside"], 0, beside=True)
     try:
         again.submit(0, {})  # there already: nothing to compute, so no sensitivity needed
-        again.submit(1, {})  # layer 1's codes are gone: computed, and the missing sensitivity surfaces
+        again.submit(1, {})  # layer 1's tables are gone: computed, and the missing sensitivity surfaces
         with pytest.raises(KeyError):
             again.finish()
     finally:
         again.close()
+    assert not tables["beside"].file(1).exists() and not list((tmp_path / "beside").glob("*tmp*"))
 
 
 def test_bad_sqllm_inputs(llama_pair, tokenizer, corpus_file, tmp_path):

@@ -44,15 +44,22 @@ def byte_order(total: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """qweight int32 [bits, out, in/32] from codes [out, in] (values below 2^bits)."""
+    """qweight int32 [bits, out, in/32] from codes [out, in] (values below 2^bits), on the codes' device.
+
+    The 8-code groups are first put in the bytes' final order (P[n(j)] = B[j]: one gather of 8-byte
+    words), then each plane's byte is ORed together a column of the group at a time, in uint8:
+    an 8B layer in ~0.1 s on a GPU (whole int32 copies per plane and a scatter took ~2 s on 16 cores)."""
     out_features, in_features = codes.shape
-    weights = (1 << torch.arange(7, -1, -1, device=codes.device, dtype=torch.int32))  # input 8j -> top bit
-    grouped = codes.to(torch.int32).reshape(out_features, in_features // 8, 8)
-    order = byte_order(in_features // 8, codes.device)
-    planes = torch.empty((bits, out_features, in_features // 8), dtype=torch.uint8, device=codes.device)
+    total = in_features // 8
+    grouped = codes.to(torch.uint8).reshape(out_features, total, 8).contiguous()
+    source = torch.empty(total, dtype=torch.long, device=codes.device)
+    source[byte_order(total, codes.device)] = torch.arange(total, device=codes.device)  # P[m] = B[source[m]]
+    grouped = grouped.view(torch.int64).squeeze(-1)[:, source].unsqueeze(-1).view(torch.uint8)
+    planes = torch.zeros((bits, out_features, total), dtype=torch.uint8, device=codes.device)
     for plane in range(bits):
-        stream = ((grouped >> (bits - 1 - plane)) & 1).mul_(weights).sum(dim=-1).to(torch.uint8)
-        planes[plane][:, order] = stream
+        shift = bits - 1 - plane
+        for position in range(8):  # input 8j + position -> bit 7 - position of byte j
+            planes[plane] |= ((grouped[:, :, position] >> shift) & 1) << (7 - position)
     return planes.view(torch.int32)  # 4 bytes of a row, little-endian, per int32
 
 

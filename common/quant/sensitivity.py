@@ -102,8 +102,8 @@ class _LinearTaps:
         for name, x in self.inputs.items():
             grad = self.grads[name]
             for sample in range(x.shape[0]):  # Gₛᵀ·Xₛ in the model's dtype, as autograd forms it
-                weight_grad = (grad[sample].reshape(-1, grad.shape[-1]).t() @ x[sample].reshape(-1, x.shape[-1])).float()
-                sums[name].addcmul_(weight_grad, weight_grad)
+                weight_grad = grad[sample].reshape(-1, grad.shape[-1]).t() @ x[sample].reshape(-1, x.shape[-1])
+                sums[name].addcmul_(weight_grad, weight_grad)  # squared in float32 (exact for bf16), no copy
         self.inputs.clear()
         self.grads.clear()
 
@@ -115,7 +115,8 @@ class _LinearTaps:
 def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_size: int, stash: HostStash,
                           progress: Callable = lambda items, **_: items
                           ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(layer index, module -> F float32 [out, in] on the CPU), from the last layer down to the first.
+    """(layer index, module -> F float32 [out, in] on the model's device), from the last layer down to the
+    first.
 
     `model` runs in the sensitivity's dtype (bfloat16 in SPEC §9.1); `samples` [N, T] token ids; each
     layer's inputs wait in `stash` between the forward and the backward."""
@@ -160,4 +161,4 @@ def layerwise_sensitivity(model: LayerwiseModel, samples: torch.Tensor, batch_si
         finally:
             taps.remove()
         model.unload_layer(index)
-        yield index, {name: value.cpu() for name, value in sums.items()}
+        yield index, sums

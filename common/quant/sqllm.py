@@ -104,6 +104,7 @@ class QuantizedFolder:
     path: Path
     bits: int
     shift: int
+    read_in_children = True  # pickles: unpickling holds the GIL (TableReader)
 
     @classmethod
     def open(cls, path: Path, bits: int | None) -> "QuantizedFolder":
@@ -148,6 +149,35 @@ class QuantizedFolder:
 Tables = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (LUTs, codes), module -> tensor
 
 
+@dataclass(frozen=True)
+class ComputedTables(QuantizedFolder):
+    """The tables a run's own k-means wrote into `path`: `l<i>.safetensors` per layer, '<module>.lut'
+    float16 [out, 2^b] and '<module>.codes' uint8 [out, in]. Read back with plain reads, in this process:
+    no pickles, whose writing and reading hold the GIL for ~1 s per 8B layer. `export` writes
+    Any-Precision's folder (SPEC §9.3) from them."""
+    read_in_children = False
+
+    def file(self, index: int) -> Path:
+        return self.path / f"l{index}.safetensors"
+
+    def check_layers(self, layers: int) -> None:
+        for index in range(layers):
+            if not self.file(index).is_file():
+                raise InputError(f"{self.file(index)}: missing (the model has {layers} layers)")
+
+    def read_layer(self, index: int) -> Tables:
+        from common.io.model_files import read_safetensors_file
+        tensors = read_safetensors_file(self.file(index))
+        return ({name.removesuffix(".lut"): t for name, t in tensors.items() if name.endswith(".lut")},
+                {name.removesuffix(".codes"): t for name, t in tensors.items() if name.endswith(".codes")})
+
+    def export(self, folder: Path, layers: int) -> None:
+        """Any-Precision's quantized folder of these tables in `folder`, a layer at a time."""
+        from common.quant.anyprec import save_quantized_layer
+        for index in range(layers):
+            save_quantized_layer(folder, index, self.bits, *self.read_layer(index))
+
+
 def reader_count() -> int:
     """Child processes reading ahead: each unpickles an 8B layer's tables in ~0.8 s and holds torch
     (~0.4 GB of host memory), so two keep up with a disk-bound H200 layer loop (~0.4 s a layer);
@@ -166,7 +196,8 @@ class TableReader:
 
     The first layers are asked for at once, and every worker keeps a layer in hand beside the one it
     unpickles (`ahead` = 2 x workers layers in flight): with only `workers` in flight, each layer had
-    one loop step to be ready in, so the loop ran at one worker's pace (~0.7 s a layer on an H200)."""
+    one loop step to be ready in, so the loop ran at one worker's pace (~0.7 s a layer on an H200).
+    A run's own tables (`ComputedTables`, no pickles) are read in this process."""
 
     def __init__(self, folder: QuantizedFolder, layers: int, workers: int | None = None):
         self.folder, self.layers = folder, layers
@@ -174,6 +205,8 @@ class TableReader:
         self.ahead = 2 * self.workers
         self._pending: dict[int, Future] = {}
         self._pool: ProcessPoolExecutor | None = None
+        if not folder.read_in_children:
+            return
         try:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=spawn_context(),
                                              initializer=exit_with_parent, initargs=(os.getpid(),))

@@ -1,8 +1,9 @@
 """SqueezeLLM quantization built in (SPEC §9): the sensitivity of every Linear, then each layer's seed LUTs
-and codes, written as Any-Precision's quantized folder (what conv_sqllm.py and decdec_setup.py read).
+and codes, kept as `ComputedTables` (what conv_sqllm.py and decdec_setup.py convert, and export as
+Any-Precision's quantized folder when asked).
 
 The sensitivity is rounded to bfloat16 (the gradients file's format) before the k-means, so a run from
-`--gradients` gives the same folder as the run that dumped them. It is served a layer at a time: what does
+`--gradients` gives the same tables as the run that dumped them. It is served a layer at a time: what does
 not fit the host-memory budget waits in files beside the output.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from common.errors import InputError
 from common.io.model_files import Checkpoint, require_float16
 from common.layers import LayerLayout
+from common.quant.sqllm import ComputedTables
 
 STASH_BUDGET = 8 << 30  # bytes of stashed layer inputs and sensitivities kept in host memory; the rest spills
 
@@ -64,7 +66,7 @@ def compute_sensitivity(checkpoint: Checkpoint, layout: LayerLayout, samples: to
     model = LayerwiseModel(checkpoint, layout, device, torch.bfloat16, trust_remote_code, via_float16=True)
     try:
         for index, sums in layerwise_sensitivity(model, samples, batch_size, stash, progress):
-            values = {module: value.to(torch.bfloat16) for module, value in sums.items()}
+            values = {module: value.to(torch.bfloat16).cpu() for module, value in sums.items()}  # cast on the device
             if keep:
                 for module, value in values.items():
                     stash.put(("F", index, module), value)
@@ -116,18 +118,17 @@ def load_gradients(path: Path, checkpoint: Checkpoint, layout: LayerLayout) -> G
 
 
 class LayerKMeans:
-    """Each layer's seed LUTs and codes (SPEC §9.2), every core on one layer's rows, into `folder` in
-    Any-Precision's layout (SPEC §9.3), in the order layers are handed in. With `beside`, on a thread of
-    its own (numba lets the GIL go): the cores work on one layer while the GPU computes the next layer's
-    sensitivity, and `submit` waits only while `ahead` layers wait already, which bounds the memory.
-    A layer whose files are there already (each is written whole, under a temporary name first) is not
-    computed again: how an interrupted run resumes."""
+    """Each layer's seed LUTs and codes (SPEC §9.2), every core on one layer's rows, into `tables`
+    (`l<i>.safetensors` per layer), in the order layers are handed in. With `beside`, on a thread of its
+    own (numba lets the GIL go, and nothing here is pickled): the cores work on one layer while the GPU
+    computes the next layer's sensitivity, and `submit` waits only while `ahead` layers wait already,
+    which bounds the memory. A layer whose file is there already (each is written whole, under a
+    temporary name first) is not computed again: how an interrupted run resumes."""
 
-    def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_state: int, folder: Path,
+    def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, tables: ComputedTables, random_state: int,
                  beside: bool, ahead: int = 2):
         from concurrent.futures import ThreadPoolExecutor
-        self.checkpoint, self.layout, self.bits, self.random_state, self.folder = \
-            checkpoint, layout, bits, random_state, folder
+        self.checkpoint, self.layout, self.tables, self.random_state = checkpoint, layout, tables, random_state
         self.seconds = 0.0  # spent in the k-means, all layers
         self.waited = 0.0  # `submit` waiting for a free place in the queue
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqllm-kmeans") if beside else None
@@ -139,7 +140,7 @@ class LayerKMeans:
         return self._pool is not None
 
     def done(self, index: int) -> bool:
-        return all((self.folder / sub / f"l{index}.pt").is_file() for sub in (f"lut_{self.bits}", "weights"))
+        return self.tables.file(index).is_file()
 
     def submit(self, index: int, sensitivity: dict[str, torch.Tensor]) -> None:
         if self.done(index):
@@ -167,32 +168,38 @@ class LayerKMeans:
             self._pool.shutdown(wait=True)
 
     def _run(self, index: int, sensitivity: dict[str, torch.Tensor]) -> None:
-        from common.quant.anyprec import save_quantized_layer
+        from safetensors.torch import save_file
+        from common.io.outputs import atomic_file
         from common.quant.seed_luts import seed_luts
         started = time.perf_counter()
-        luts, codes = {}, {}
+        tables = {}
         for module, name in sorted(self.layout.layers[index].linears.items()):
             raw = self.checkpoint.read_raw(name)
-            weight = raw.half()
-            require_float16(raw, weight, f"{self.checkpoint.dir}: tensor {name}")
-            lut, code = seed_luts(weight.numpy(), sensitivity[module].float().numpy(), self.bits, self.random_state)
-            luts[module], codes[module] = torch.from_numpy(lut), torch.from_numpy(code)
-        save_quantized_layer(self.folder, index, self.bits, luts, codes)
+            where = f"{self.checkpoint.dir}: tensor {name}"
+            weight = raw
+            if raw.dtype != torch.float16:
+                weight = raw.half()
+                require_float16(raw, weight, where)
+            tables[f"{module}.lut"], tables[f"{module}.codes"] = seed_luts(
+                weight, sensitivity[module], self.tables.bits, self.random_state, where)
+        self.tables.path.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.tables.file(index)) as temporary:
+            save_file(tables, str(temporary))
         self.seconds += time.perf_counter() - started
 
 
-def quantize(checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_state: int, folder: Path | None,
+def quantize(checkpoint: Checkpoint, layout: LayerLayout, random_state: int, tables: ComputedTables | None,
              samples: Callable[[], torch.Tensor], device: torch.device, batch_size: int, progress: Callable,
              gradients_file: Path | None = None, dump: Path | None = None, stash_bytes: int = STASH_BUDGET,
              spill_dir: Path | None = None, trust_remote_code: bool = False) -> dict[str, float]:
-    """SPEC §9 from the model to Any-Precision's folder in `folder`: the sensitivity (read from
+    """SPEC §9 from the model to its seed LUTs and codes in `tables`: the sensitivity (read from
     `gradients_file`, or computed on `samples()`; dumped to `dump` if given), and each layer's k-means
-    as soon as its sensitivity is known (unless `folder` is None: the sensitivity alone). What
+    as soon as its sensitivity is known (unless `tables` is None: the sensitivity alone). What
     conv_sqllm.py --w_bit and decdec_setup.py --method sqllm both run. Returns seconds by stage."""
     from common.quant.seed_luts import threads, warm_up
     started = time.perf_counter()
     warm_up()  # flash1dkmeans' availability (one line if missing) and numba's compile, before any long work
-    kmeans = None if folder is None else LayerKMeans(checkpoint, layout, bits, random_state, folder,
+    kmeans = None if tables is None else LayerKMeans(checkpoint, layout, tables, random_state,
                                                      beside=device.type == "cuda" and gradients_file is None)
     ready = None if kmeans is None else kmeans.submit
     gradients = None
@@ -205,7 +212,7 @@ def quantize(checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_stat
                         kmeans.submit(index, gradients.layer(index))
         else:
             gradients = compute_sensitivity(checkpoint, layout, samples(), device, batch_size, progress,
-                                            spill_dir or (folder or dump).parent, trust_remote_code, stash_bytes,
+                                            spill_dir or (tables.path if tables else dump).parent, trust_remote_code, stash_bytes,
                                             ready, keep=dump is not None)
         sensitivity_done = time.perf_counter()
         if dump is not None:  # beside the last layers' k-means
@@ -223,6 +230,7 @@ def quantize(checkpoint: Checkpoint, layout: LayerLayout, bits: int, random_stat
     times = {"sensitivity" if gradients_file is None else "reading the gradients": sensitivity_done - started - other}
     if kmeans is not None:
         times[f"k-means on {threads()} threads"] = kmeans.seconds
-        times["waiting for the k-means after it"] = finished - sensitivity_done
+        if kmeans.beside:
+            times["waiting for the k-means after it"] = finished - sensitivity_done
     times["in all"] = finished - started
     return times
