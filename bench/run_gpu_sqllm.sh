@@ -4,14 +4,14 @@
 # k-means beside it, then the one pass. Each run from a cold page cache; the first with numba's cache empty (the
 # k-means kernel compiles, as on a fresh install's first run). SHAPE70=1 then runs four layers of the 70B shape.
 # flash1dkmeans must be installed (the GPU image lacks it: BENCHMARKS.md says how its wheel was carried).
-# Usage: [RUNS="first again"] [SHAPE70=1] bash bench/run_gpu_sqllm.sh [work dir] [log dir]   (~40 GB of disk)
+# Usage: [RUNS="first again" | "warm again" | ""] [SHAPE70=1] bash bench/run_gpu_sqllm.sh [work dir] [log dir]   (~40 GB of disk)
 DEFAULT_WORK=/tmp/decdec-sqllm-bench . "$(dirname "$0")/common.sh" "$@"
 THRESHOLDS="--dataset $W/calibration.txt --sampling concat --seq_len 512 --num_examples 100"
 machine
 original_8b
 bytecode
 $PY -c 'import numba, flash1dkmeans; print("numba", numba.__version__, "threads", numba.config.NUMBA_NUM_THREADS)'
-for run in ${RUNS:-first again}; do  # "warm": numba compiles first, unmeasured
+for run in ${RUNS-first again}; do  # "warm": numba compiles first, unmeasured; RUNS="": none
   if [ "$run" = first ]; then
     find common -name '*.nbi' -delete -o -name '*.nbc' -delete  # numba's cache of the kernel, gone
   elif [ "$run" = warm ]; then

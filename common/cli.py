@@ -56,7 +56,8 @@ def add_sensitivity_args(group) -> None:
                        help="read the sensitivity from this file (ours, or Any-Precision's cache/gradients/*.pt)")
     group.add_argument("--dump_gradients", default=None, help="also save the sensitivity to this file")
     group.add_argument("--stash_gib", type=float, default=8.0,
-                       help="host memory for the stashed layer inputs and the sensitivity (default 8 GiB); "
+                       help="host memory for the stashed layer inputs and, with --dump_gradients, the sensitivity "
+                            "(default 8 GiB); "
                             "beyond it they wait in files beside the output")
 
 
