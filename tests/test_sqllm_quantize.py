@@ -246,6 +246,30 @@ def test_kmeans_beside_the_sensitivity_writes_the_same_tables(phi3_pair, tmp_pat
     assert not tables["beside"].file(1).exists() and not list((tmp_path / "beside").glob("*tmp*"))
 
 
+def test_quantize_beside_the_sensitivity_equals_in_order(llama_pair, tmp_path):
+    """quantize() with numba's warm-up and the k-means in threads beside the sensitivity (what a GPU
+    run does) writes the same tables, and dumps the same sensitivity, as everything in order."""
+    from common.io.model_files import Checkpoint
+    from common.layers import find_layers
+    from common.quant.sqllm import ComputedTables
+    from common.quant.sqllm_quantize import quantize
+    checkpoint = Checkpoint(llama_pair[0], "--model")
+    layout = find_layers(checkpoint)
+    samples = torch.randint(3, 500, (5, 32), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for beside in (False, True):
+        tables = ComputedTables(tmp_path / f"beside-{beside}", 3, 0)
+        times = quantize(checkpoint, layout, 0, tables, lambda: samples, torch.device("cpu"), 2,
+                         lambda items, **_: items, dump=tmp_path / f"grads-{beside}.pt", beside=beside)
+        assert ("waiting for the k-means after it" in times) == beside and times["in all"] > 0
+        results[beside] = [tables.read_layer(layer.index) for layer in layout.layers]
+    for (luts, codes), (other_luts, other_codes) in zip(results[False], results[True]):
+        assert luts.keys() == other_luts.keys() == codes.keys() == other_codes.keys()
+        assert all(torch.equal(luts[m], other_luts[m]) and torch.equal(codes[m], other_codes[m]) for m in luts)
+    first, other = (torch.load(tmp_path / f"grads-{beside}.pt", weights_only=True) for beside in (False, True))
+    assert all(torch.equal(a[m], b[m]) for a, b in zip(first, other) for m in a)
+
+
 def test_bad_sqllm_inputs(llama_pair, tokenizer, corpus_file, tmp_path):
     """Each ends with one line naming the problem, exit status 2, and nothing written."""
     from common.tiny_models import build_model

@@ -24,7 +24,8 @@ except ImportError:  # only SqueezeLLM quantization needs them: say so when it i
     numba = None
 
 
-def _require_flash1dkmeans() -> None:
+def require_kmeans() -> None:
+    """An input error naming the package and its install command unless flash1dkmeans and numba import."""
     if numba is None:
         raise InputError("SqueezeLLM quantization needs the flash1dkmeans package (and numba): "
                          "pip install flash1dkmeans")
@@ -105,7 +106,7 @@ def seed_luts(weight: torch.Tensor, sensitivity: torch.Tensor, bits: int, random
     """(LUT float16 [out, 2^bits], codes uint8 [out, in]) of one Linear: `weight` its float16 weights,
     `sensitivity` its F in bfloat16 (as SPEC §9.1 rounds it), both on the CPU. A NaN or Inf weight is an
     input error naming `where`."""
-    _require_flash1dkmeans()
+    require_kmeans()
     if weight.dtype != torch.float16 or sensitivity.dtype != torch.bfloat16 or weight.shape != sensitivity.shape:
         raise ValueError(f"seed_luts takes float16 weights and bfloat16 sensitivity of one shape, got "
                          f"{weight.dtype} {list(weight.shape)} and {sensitivity.dtype} {list(sensitivity.shape)}")
@@ -128,7 +129,7 @@ def _raw_bits(tensor: torch.Tensor) -> np.ndarray:
 
 def threads() -> int:
     """The threads the row kernel runs on (numba's, every core unless NUMBA_NUM_THREADS says otherwise)."""
-    _require_flash1dkmeans()
+    require_kmeans()
     return numba.get_num_threads()
 
 

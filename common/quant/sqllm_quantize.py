@@ -126,9 +126,10 @@ class LayerKMeans:
     temporary name first) is not computed again: how an interrupted run resumes."""
 
     def __init__(self, checkpoint: Checkpoint, layout: LayerLayout, tables: ComputedTables, random_state: int,
-                 beside: bool, ahead: int = 2):
+                 beside: bool, ahead: int = 2, kernel_ready: Future | None = None):
         from concurrent.futures import ThreadPoolExecutor
         self.checkpoint, self.layout, self.tables, self.random_state = checkpoint, layout, tables, random_state
+        self._kernel_ready = kernel_ready  # numba's compile or cache load, if it runs elsewhere
         self.seconds = 0.0  # spent in the k-means, all layers
         self.waited = 0.0  # `submit` waiting for a free place in the queue
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqllm-kmeans") if beside else None
@@ -172,6 +173,8 @@ class LayerKMeans:
         from common.io.outputs import atomic_file
         from common.quant.seed_luts import seed_luts
         started = time.perf_counter()
+        if self._kernel_ready is not None:
+            self._kernel_ready.result()
         tables = {}
         for module, name in sorted(self.layout.layers[index].linears.items()):
             raw = self.checkpoint.read_raw(name)
@@ -191,16 +194,26 @@ class LayerKMeans:
 def quantize(checkpoint: Checkpoint, layout: LayerLayout, random_state: int, tables: ComputedTables | None,
              samples: Callable[[], torch.Tensor], device: torch.device, batch_size: int, progress: Callable,
              gradients_file: Path | None = None, dump: Path | None = None, stash_bytes: int = STASH_BUDGET,
-             spill_dir: Path | None = None, trust_remote_code: bool = False) -> dict[str, float]:
+             spill_dir: Path | None = None, trust_remote_code: bool = False, beside: bool | None = None
+             ) -> dict[str, float]:
     """SPEC §9 from the model to its seed LUTs and codes in `tables`: the sensitivity (read from
     `gradients_file`, or computed on `samples()`; dumped to `dump` if given), and each layer's k-means
     as soon as its sensitivity is known (unless `tables` is None: the sensitivity alone). What
-    conv_sqllm.py --w_bit and decdec_setup.py --method sqllm both run. Returns seconds by stage."""
-    from common.quant.seed_luts import threads, warm_up
+    conv_sqllm.py --w_bit and decdec_setup.py --method sqllm both run. Returns seconds by stage.
+
+    `beside` (by default: when the sensitivity is computed on a GPU) runs numba's compile and the
+    k-means in threads beside the sensitivity; else everything runs in order on this thread."""
+    from common.background import finished, run_beside
+    from common.quant.seed_luts import require_kmeans, threads, warm_up
     started = time.perf_counter()
-    warm_up()  # flash1dkmeans' availability (one line if missing) and numba's compile, before any long work
-    kmeans = None if tables is None else LayerKMeans(checkpoint, layout, tables, random_state,
-                                                     beside=device.type == "cuda" and gradients_file is None)
+    if beside is None:
+        beside = device.type == "cuda" and gradients_file is None
+    kmeans = None
+    if tables is not None:
+        require_kmeans()  # one line if flash1dkmeans or numba is missing, before any long work
+        # numba compiles the kernel (10-30 s, once per install) or loads it from its cache
+        kernel_ready = run_beside(warm_up, "numba-warm-up") if beside else finished(warm_up())
+        kmeans = LayerKMeans(checkpoint, layout, tables, random_state, beside, kernel_ready=kernel_ready)
     ready = None if kmeans is None else kmeans.submit
     gradients = None
     try:
@@ -212,14 +225,14 @@ def quantize(checkpoint: Checkpoint, layout: LayerLayout, random_state: int, tab
                         kmeans.submit(index, gradients.layer(index))
         else:
             gradients = compute_sensitivity(checkpoint, layout, samples(), device, batch_size, progress,
-                                            spill_dir or (tables.path if tables else dump).parent, trust_remote_code, stash_bytes,
-                                            ready, keep=dump is not None)
+                                            spill_dir or (tables.path if tables else dump).parent, trust_remote_code,
+                                            stash_bytes, ready, keep=dump is not None)
         sensitivity_done = time.perf_counter()
         if dump is not None:  # beside the last layers' k-means
             gradients.dump(dump, layout, checkpoint)
         if kmeans is not None:
             kmeans.finish()
-        finished = time.perf_counter()
+        all_done = time.perf_counter()
     finally:
         if kmeans is not None:
             kmeans.close()
@@ -231,6 +244,6 @@ def quantize(checkpoint: Checkpoint, layout: LayerLayout, random_state: int, tab
     if kmeans is not None:
         times[f"k-means on {threads()} threads"] = kmeans.seconds
         if kmeans.beside:
-            times["waiting for the k-means after it"] = finished - sensitivity_done
-    times["in all"] = finished - started
+            times["waiting for the k-means after it"] = all_done - sensitivity_done
+    times["in all"] = all_done - started
     return times
