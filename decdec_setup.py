@@ -20,8 +20,6 @@ import time
 PROCESS_STARTED = time.time()  # before the heavy imports, to report their cost
 
 import argparse  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Callable  # noqa: E402
 

@@ -4,8 +4,8 @@ float16 weights, with flash1dkmeans, the library Any-Precision LLM calls, and it
 Rows are independent, so one numba kernel runs them over every core (`prange`), each row seeding its
 own k-means++ draw with `random_state`: the result does not depend on the thread count or on which
 thread takes a row. The kernel lets the GIL go, so a layer's k-means can run beside the GPU's work on
-the next layer. numba caches the compiled kernel on disk (`cache=True`); `warm_up()` compiles it (~10 s,
-once per install) or loads it before any long work.
+the next layer. numba caches the compiled kernel on disk (`cache=True`); `warm_up()` compiles it (10-30 s,
+once per install) or loads it, beside the sensitivity on a GPU.
 """
 from __future__ import annotations
 
